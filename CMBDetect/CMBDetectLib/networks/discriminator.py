@@ -1,0 +1,64 @@
+"""Stage-2 candidate discrimination networks (paper section 2.3, Fig. 5).
+
+Both return **logits**. The reference implementation returned sigmoid outputs from the teacher and
+then softened them again with a temperature, which makes the distillation targets nearly uniform; the
+distillation loss here (``training.losses.distillation_loss``) expects raw logits from both networks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from CMBDetectLib.networks.blocks import PatchClassifierArm, ShallowEncoder
+from CMBDetectLib.networks.unet import ShallowUNet
+
+
+class TeacherNet(nn.Module):
+    """Multi-task teacher: feature extractor T_f + voxel segmentor T_s (a ShallowUNet, initialisable
+    from the stage-1 weights with :meth:`load_stage1`) + patch classifier arm T_c.
+
+    ``forward`` returns ``(seg_logits [B, 2, D, H, W], class_logits [B, 2])``.
+    """
+
+    def __init__(self, in_channels: int = 2, width: int = 16, arm_channels: int = 32, arm_levels: int = 1,
+                 fc: tuple[int, ...] = (1024, 128, 32), dropout: float = 0.2, pooled_size: int = 3,
+                 n_classes: int = 2) -> None:
+        super().__init__()
+        self.config = {"in_channels": in_channels, "width": width, "arm_channels": arm_channels,
+                       "arm_levels": arm_levels, "fc": list(fc), "dropout": dropout,
+                       "pooled_size": pooled_size, "n_classes": n_classes}
+        self.unet = ShallowUNet(in_channels, width, n_classes)
+        self.arm = PatchClassifierArm(4 * width, arm_channels, arm_levels, tuple(fc), dropout, pooled_size,
+                                      n_classes)
+
+    def load_stage1(self, stage1_state: dict[str, torch.Tensor]) -> None:
+        """Initialise T_f + T_s from a trained stage-1 ``ShallowUNet`` state dict (same width)."""
+        self.unet.load_state_dict(stage1_state)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.unet.encoder(x)
+        return self.unet.decode(features), self.arm(features[2])
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits only (no decoder): what the distillation targets need."""
+        return self.arm(self.unet.encoder(x)[2])
+
+
+class StudentNet(nn.Module):
+    """Compact student S = feature extractor + patch classifier (no segmentor); ``forward`` returns
+    class logits ``[B, 2]`` for 24^3 patches centred on stage-1 candidates."""
+
+    def __init__(self, in_channels: int = 2, width: int = 8, arm_channels: int = 16, arm_levels: int = 1,
+                 fc: tuple[int, ...] = (256, 64, 16), dropout: float = 0.2, pooled_size: int = 3,
+                 n_classes: int = 2) -> None:
+        super().__init__()
+        self.config = {"in_channels": in_channels, "width": width, "arm_channels": arm_channels,
+                       "arm_levels": arm_levels, "fc": list(fc), "dropout": dropout,
+                       "pooled_size": pooled_size, "n_classes": n_classes}
+        self.encoder = ShallowEncoder(in_channels, width)
+        self.arm = PatchClassifierArm(4 * width, arm_channels, arm_levels, tuple(fc), dropout, pooled_size,
+                                      n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.arm(self.encoder(x)[2])
