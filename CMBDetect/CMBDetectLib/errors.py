@@ -15,3 +15,7 @@ class ModelError(CMBDetectError):
 
 class CancelledError(CMBDetectError):
     """The user cancelled a long operation."""
+
+
+class OutputError(CMBDetectError):
+    """An output file could not be written (full disk, read-only folder, ...)."""

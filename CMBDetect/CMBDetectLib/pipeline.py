@@ -209,6 +209,7 @@ class DetectionSession:
             progress=scaled(self.progress, 0.0, 0.45))
         self.timings = {f"features.{k}": float(v) for k, v in getattr(self.features, "timings", {}).items()}
         self.timings["features"] = time.perf_counter() - start
+        self.features.channels = self.features.channels.astype(np.float16).astype(np.float32)
         self._input_reference = Volume(np.zeros((1, 1, 1), np.uint8), volume.spacing, volume.origin, volume.direction)
         self._input_shape = volume.array.shape
         self._check_cancel()
@@ -226,8 +227,9 @@ class DetectionSession:
                 overlap=float(preprocessing.get("overlap", 0.25)), batch_size=batch_size, device=run_device,
                 patch_mask=patch_mask, progress=scaled(self.progress, 0.45, 0.85))
 
-        self.probability = run_with_oom_fallback(stage1, self.batch_size, device, log=self._log)
-        self.probability *= self.features.brain_mask
+        probability = run_with_oom_fallback(stage1, self.batch_size, device, log=self._log)
+        # Kept at float16 precision so that a saved session (float16 on disk) answers exactly like this one.
+        self.probability = (probability * self.features.brain_mask).astype(np.float16).astype(np.float32)
         self.timings["stage1"] = time.perf_counter() - start
         self._edge_distance = edge_distance_mm(self.features.brain_mask, self.features.spacing_zyx)
         self._extractions.clear()
@@ -340,6 +342,12 @@ class DetectionSession:
         lookup[1:] = extraction.ids.astype(np.uint16)
         working_ids = lookup[extraction.labels]
         array = self.features.grid.labels_to_input(working_ids).astype(np.uint16)
+        reference = self._input_reference
+        return Volume(array, reference.spacing, reference.origin, reference.direction)
+
+    def probability_on_input(self) -> Volume:
+        """Stage-1 probability map on the input grid (nearest neighbour, for display and ``--save-prob``)."""
+        array = self.features.grid.labels_to_input(self.probability.astype(np.float32))
         reference = self._input_reference
         return Volume(array, reference.spacing, reference.origin, reference.direction)
 

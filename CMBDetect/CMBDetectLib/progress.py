@@ -40,7 +40,7 @@ def json_lines_progress(stream: TextIO = sys.stdout) -> ProgressCallback:
     return report
 
 
-def text_progress(stream: TextIO = sys.stderr) -> ProgressCallback:
+def text_progress(stream: TextIO = sys.stdout) -> ProgressCallback:
     """Human-readable progress lines for a terminal."""
     last: list[str] = [""]
 

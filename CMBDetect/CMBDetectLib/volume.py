@@ -6,6 +6,7 @@ SimpleITK's (x, y, z), LPS convention so that a round trip through a file is exa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from CMBDetectLib.errors import InputError
+from CMBDetectLib.errors import InputError, OutputError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
 
@@ -127,14 +128,47 @@ def _temporary_sibling(path: Path) -> Path:
     return Path(name)
 
 
+@contextlib.contextmanager
+def _native_stderr_captured(sink: list[str]):
+    """Collect what C libraries (niftilib, nrrd) print on file descriptor 2 instead of letting it through."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            sink.append(capture.read().decode("utf-8", "replace"))
+
+
 def write_sitk_atomic(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, check it, then rename: never a half-written file.
+
+    ITK's NIfTI writer does not raise when the disk is full (it prints to stderr and leaves a truncated
+    file), so the temporary file is read back before it replaces anything.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _temporary_sibling(path)
+    native: list[str] = []
     try:
-        sitk.WriteImage(image, str(temporary), compress)
+        with _native_stderr_captured(native):
+            sitk.WriteImage(image, str(temporary), compress)
+            check = sitk.ReadImage(str(temporary))
+        if check.GetSize() != image.GetSize():
+            raise RuntimeError("the written file does not read back with the same size")
         os.replace(temporary, path)
+    except RuntimeError as error:
+        temporary.unlink(missing_ok=True)
+        details = " ".join(native).strip() or str(error).strip()
+        reason = details.splitlines()[-1] if details else "unknown reason"
+        raise OutputError(f"cannot write {path} (disk full or folder not writable?): {reason}") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.progress == "json":
         progress, emit = json_lines_progress(sys.stdout), _emit_json
     elif args.progress == "text":
-        progress, emit = text_progress(sys.stderr), None
+        progress, emit = text_progress(sys.stdout), None
     else:
         progress, emit = no_progress, None
     out_dir = Path(args.out)

@@ -1,0 +1,104 @@
+"""The detection pipeline with cached stages: networks once, cheap re-filtering, stable ids, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from CMBDetectLib.errors import InputError
+from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
+
+
+@pytest.fixture(scope="module")
+def session_and_result(tiny_model, phantom_volume):
+    session = DetectionSession(tiny_model, device="cpu")
+    # A low Th_Cdet so that the random-weight network still yields candidates to play with.
+    result = session.run(phantom_volume.image, "swi", params=DetectionParameters(th_det=0.3, th_disc=0.0))
+    return session, result
+
+
+def _count_calls(monkeypatch, session):
+    calls = {"student": 0}
+    original = session._score
+
+    def counting(centres):
+        calls["student"] += len(centres)
+        return original(centres)
+
+    monkeypatch.setattr(session, "_score", counting)
+    return calls
+
+
+def test_labels_are_on_the_input_grid(session_and_result, phantom_volume):
+    _, result = session_and_result
+    assert result.candidate_labels.same_grid(phantom_volume.image)
+    ids = {c.id for c in result.candidates}
+    assert set(np.unique(result.candidate_labels.array)) - {0} <= ids
+    final = result.final_labels().array
+    assert set(np.unique(final)) - {0} == {c.id for c in result.final_candidates}
+
+
+def test_th_disc_change_runs_no_network(session_and_result, monkeypatch):
+    session, result = session_and_result
+    if not result.candidates:
+        pytest.skip("random network produced no candidate")
+    calls = _count_calls(monkeypatch, session)
+    monkeypatch.setattr(session.model, "network", lambda *a, **k: pytest.fail("network must not be rebuilt"))
+    strict = session.refilter(DetectionParameters(th_det=0.3, th_disc=1.0))
+    assert calls["student"] == 0
+    assert all(not c.final and c.reason == "discrimination" for c in strict.candidates)
+    assert [c.id for c in strict.candidates] == [c.id for c in result.candidates]
+
+
+def test_th_det_change_scores_only_new_candidates_and_keeps_ids(session_and_result, monkeypatch):
+    session, result = session_and_result
+    calls = _count_calls(monkeypatch, session)
+    before = {c.id: c for c in result.candidates}
+    higher = session.refilter(DetectionParameters(th_det=0.6, th_disc=0.0))
+    again = session.refilter(DetectionParameters(th_det=0.3, th_disc=0.0))
+    assert [c.id for c in again.candidates] == [c.id for c in result.candidates]
+    assert calls["student"] <= len(higher.candidates)  # only centroids never seen before
+    for candidate in higher.candidates:
+        assert candidate.p_det >= 0.6 - 1e-6
+    # a candidate that survives a stricter threshold keeps its id when its peak is the same
+    for candidate in again.candidates:
+        assert candidate.p_disc == pytest.approx(before[candidate.id].p_disc)
+
+
+def test_postprocessing_reasons_follow_parameters(session_and_result):
+    session, _ = session_and_result
+    huge = session.refilter(DetectionParameters(th_det=0.3, th_disc=0.0, min_volume_mm3=1e9))
+    assert all(c.reason in ("volume",) for c in huge.candidates)
+    relaxed = session.refilter(DetectionParameters(th_det=0.3, th_disc=0.0, min_volume_mm3=0,
+                                                   max_ellipticity=1.0, min_edge_distance_mm=0))
+    assert all(c.final for c in relaxed.candidates)
+
+
+def test_save_and_load_give_identical_results(session_and_result, tmp_path):
+    session, _ = session_and_result
+    params = DetectionParameters(th_det=0.3, th_disc=0.2)
+    expected = session.refilter(params)
+    path = session.save(tmp_path / "scan_session.npz")
+    loaded = DetectionSession.load(path)  # no model: review-only
+    got = loaded.refilter(params)
+    assert [c.to_dict() for c in got.candidates] == [c.to_dict() for c in expected.candidates]
+    np.testing.assert_array_equal(got.candidate_labels.array, expected.candidate_labels.array)
+    assert got.model_info["name"] == "tiny-test"
+
+
+def test_invalid_parameters_are_refused():
+    with pytest.raises(InputError, match="th_disc"):
+        DetectionParameters(th_disc=1.5).validate()
+    with pytest.raises(InputError, match="min_volume_mm3"):
+        DetectionParameters(min_volume_mm3=-1).validate()
+
+
+def test_json_record_has_the_contract_fields(session_and_result):
+    _, result = session_and_result
+    record = result.to_json_dict("scan.nii.gz", "swi")
+    assert record["schema"] == "cmbdetect.candidates/1"
+    assert {"path", "shape", "spacing", "modality"} <= set(record["image"])
+    assert {"name", "version", "sha256"} <= set(record["model"])
+    for candidate in record["candidates"]:
+        assert {"id", "centroid_ijk", "centroid_ras", "volume_mm3", "p_det", "p_disc", "ellipticity",
+                "edge_distance_mm", "final", "reason"} <= set(candidate)
