@@ -79,8 +79,8 @@ def extract_candidates(prob: np.ndarray, th_det: float,
     boxes = ndimage.find_objects(labels, max_label=count)
     candidates = [
         Candidate(label=index + 1,
-                  centroid_kji=(float(centroids[index, 0]), float(centroids[index, 1]), float(centroids[index, 2])),
-                  peak_kji=(int(peaks[index, 0]), int(peaks[index, 1]), int(peaks[index, 2])),
+                  centroid_kji=tuple(float(v) for v in centroids[index]),  # type: ignore[arg-type]
+                  peak_kji=tuple(int(v) for v in peaks[index]),  # type: ignore[arg-type]
                   volume_voxels=int(voxels[index]),
                   volume_mm3=float(voxels[index]) * voxel_mm3,
                   p_det=float(peak_values[index]),

@@ -5,8 +5,9 @@ MONAI's ``sliding_window_inference`` runs the network on every window; on a CPU 
 with 48^3 windows and 25 % overlap costs ~56 network calls, most of them on air or on tissue without
 any CMB-like evidence. This module uses MONAI's own pieces (``dense_patch_slices`` for the window grid,
 ``compute_importance_map`` for the Gaussian blending weights, the same scan interval rule) but only
-runs the windows that contain a voxel of ``patch_mask``. With ``patch_mask=None`` the result equals
-``sliding_window_inference(..., mode="gaussian")``.
+runs the windows that contain a voxel of ``patch_mask``. With ``patch_mask=None`` the windows and weights
+are those of ``sliding_window_inference(..., mode="gaussian")``; the blend is of softmax probabilities
+(as nnU-Net does) rather than of logits.
 """
 
 from __future__ import annotations
@@ -35,24 +36,34 @@ def _as_triple(value: int | Sequence[int]) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> tuple[int, ...]:
-    """Window step per axis, MONAI's rule: a single window on an axis the ROI spans exactly."""
-    return tuple(roi if roi == size else max(int(roi * (1.0 - overlap)), 1)
-                 for size, roi in zip(image_size, roi_size))
+def scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float,
+                  alignment: int = 1) -> tuple[int, ...]:
+    """Window step per axis: MONAI's rule (a single window on an axis the ROI spans exactly), rounded
+    down to a multiple of ``alignment``."""
+    steps = []
+    for size, roi in zip(image_size, roi_size):
+        step = roi if roi == size else max(int(roi * (1.0 - overlap)), 1)
+        steps.append(max(step - step % alignment, alignment) if step > alignment else step)
+    return tuple(steps)
 
 
-def window_slices(image_size: Sequence[int], roi_size: Sequence[int],
-                  overlap: float) -> list[tuple[slice, slice, slice]]:
+def window_slices(image_size: Sequence[int], roi_size: Sequence[int], overlap: float,
+                  alignment: int = 1) -> list[tuple[slice, slice, slice]]:
     """Every window of the dense grid that covers an image of ``image_size`` (>= ``roi_size``)."""
-    return dense_patch_slices(tuple(image_size), tuple(roi_size),
-                              scan_interval(image_size, roi_size, overlap))  # type: ignore[return-value]
+    interval = scan_interval(image_size, roi_size, overlap, alignment)
+    return dense_patch_slices(tuple(image_size), tuple(roi_size), interval)  # type: ignore[return-value]
 
 
-def _symmetric_padding(shape: Sequence[int], roi: Sequence[int]) -> list[tuple[int, int]]:
+def _padding(shape: Sequence[int], roi: Sequence[int], alignment: int) -> list[tuple[int, int]]:
+    """Zero padding so every axis is at least the ROI and ``size - roi`` is a multiple of
+    ``alignment`` (dense_patch_slices puts the last window flush with the end of the image)."""
     padding = []
     for size, window in zip(shape, roi):
         missing = max(window - size, 0)
-        padding.append((missing // 2, missing - missing // 2))
+        missing += (-(size + missing - window)) % alignment
+        # Pad before by a multiple of the alignment so the pooling grid stays where it was.
+        before = (missing // 2) - (missing // 2) % alignment
+        padding.append((before, missing - before))
     return padding
 
 
@@ -68,7 +79,7 @@ def predict_probability_map(model: nn.Module, channels: np.ndarray, roi_size: in
                             overlap: float = 0.25, batch_size: int = 8,
                             device: str | torch.device = "cpu", patch_mask: np.ndarray | None = None,
                             progress: ProgressCallback | None = None,
-                            cancel: Callable[[], bool] | None = None) -> np.ndarray:
+                            cancel: Callable[[], bool] | None = None, alignment: int = 4) -> np.ndarray:
     """CMB-class softmax probability ``[K, J, I]`` (float32) of a segmentation network.
 
     ``channels`` is ``[C, K, J, I]`` on the working grid. ``model`` returns voxel logits
@@ -77,6 +88,10 @@ def predict_probability_map(model: nn.Module, channels: np.ndarray, roi_size: in
     (``[K, J, I]``, e.g. brain mask AND candidate evidence) are not run; voxels covered only by such
     windows get probability 0, the others the Gaussian-weighted mean over the windows that were run.
     ``cancel()`` returning True stops between batches with ``CancelledError``.
+
+    Windows start at multiples of ``alignment`` (4 = the U-Net's two 2x2x2 poolings): a window then
+    sees the pooling grid of the whole volume, so away from window borders its prediction equals
+    whole-volume inference exactly (a misaligned window would max-pool different voxel groups).
     """
     channels = np.asarray(channels)
     if channels.ndim != 4:
@@ -92,10 +107,11 @@ def predict_probability_map(model: nn.Module, channels: np.ndarray, roi_size: in
     if patch_mask is not None and not np.any(patch_mask):
         return output
 
-    padding = _symmetric_padding(shape, roi)
+    alignment = max(1, int(alignment))
+    padding = _padding(shape, roi, alignment)
     padded = np.pad(channels.astype(np.float32, copy=False), [(0, 0)] + padding)
     padded_shape = padded.shape[1:]
-    windows = window_slices(padded_shape, roi, overlap)
+    windows = window_slices(padded_shape, roi, overlap, alignment)
     if patch_mask is not None:
         padded_mask = np.pad(np.asarray(patch_mask, dtype=bool), padding)
         windows = [window for window in windows if padded_mask[window].any()]

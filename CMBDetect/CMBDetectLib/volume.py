@@ -125,6 +125,10 @@ def _temporary_sibling(path: Path) -> Path:
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + "".join(path.suffixes),
                                     dir=path.parent)
     os.close(handle)
+    # mkstemp creates owner-only files; outputs should get the usual permissions (umask applies).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

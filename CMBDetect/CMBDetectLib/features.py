@@ -1,0 +1,135 @@
+"""The one feature pipeline shared by inference, training and checks [paper 2.1, 2.1.1, 2.2].
+
+``compute_features`` turns an input volume into the 2-channel network input on the working grid:
+validate -> reorient to LPS + resample (``ScanGrid``) -> brain mask (given or estimated) -> crop to the
+brain -> N4 (SWI / T2*-GRE only) -> normalise (+ invert SWI / T2*) -> vessel suppression -> FRST.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
+
+from CMBDetectLib.errors import InputError
+from CMBDetectLib.frst import frst_3d
+from CMBDetectLib.preprocessing import ScanGrid, estimate_brain_mask, n4_bias_correct, normalise_intensity
+from CMBDetectLib.progress import ProgressCallback, no_progress
+from CMBDetectLib.validation import normalise_modality, validate_image, validate_mask
+from CMBDetectLib.vessel_suppression import suppress_vessels
+from CMBDetectLib.volume import Volume, volume_to_sitk
+
+#: brain bounding box margin kept around the mask when cropping (mm)
+CROP_MARGIN_MM = 6.0
+FRST_RADII = (2, 3, 4, 6)
+
+
+@dataclass
+class ScanFeatures:
+    """Network input and geometry of one scan, all on the (cropped) working grid."""
+
+    channels: np.ndarray          # float32 [2, K, J, I]: 0 = intensity (CMB bright), 1 = FRST
+    brain_mask: np.ndarray        # bool [K, J, I]
+    vessel_mask: np.ndarray       # bool [K, J, I]
+    spacing_zyx: tuple[float, float, float]
+    grid: ScanGrid
+    modality: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def intensity(self) -> np.ndarray:
+        return self.channels[0]
+
+    @property
+    def frst(self) -> np.ndarray:
+        return self.channels[1]
+
+
+def _crop_box(mask: np.ndarray, spacing_zyx, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    coords = np.nonzero(mask.any(axis=(1, 2))), np.nonzero(mask.any(axis=(0, 2))), \
+        np.nonzero(mask.any(axis=(0, 1)))
+    start = np.array([c[0][0] for c in coords])
+    stop = np.array([c[0][-1] + 1 for c in coords])
+    margin = np.ceil(margin_mm / np.asarray(spacing_zyx)).astype(int)
+    shape = np.array(mask.shape)
+    return np.maximum(start - margin, 0), np.minimum(stop + margin, shape)
+
+
+def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
+                     working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
+                     progress: ProgressCallback | None = None, crop: bool = True) -> ScanFeatures:
+    """Preprocess ``volume`` into the 2-channel network input (see module docstring).
+
+    ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.
+    ``crop``: restrict the working grid to the brain bounding box (+6 mm); ``grid`` maps back either way.
+    """
+    report = progress or no_progress
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    report(0.0, "Checking the image")
+    modality = normalise_modality(modality)
+    validate_image(volume)
+    mask_bool = validate_mask(mask, volume) if mask is not None else None
+    image = volume_to_sitk(volume.with_array(np.asarray(volume.array, dtype=np.float32)))
+    grid = ScanGrid.from_image(image, working_spacing_mm)
+    lap("validate")
+
+    report(0.05, "Resampling to the working grid")
+    array = grid.to_working(image, sitk.sitkLinear).astype(np.float32, copy=False)
+    spacing = grid.working_spacing_zyx
+    if mask_bool is not None:
+        mask_image = volume_to_sitk(volume.with_array(mask_bool.astype(np.uint8)))
+        brain = grid.to_working(mask_image, sitk.sitkNearestNeighbor) > 0
+        if not brain.any():
+            raise InputError("the brain mask is empty after resampling to the working grid")
+    else:
+        lap("resample")
+        report(0.15, "Estimating the brain mask")
+        brain = estimate_brain_mask(array, spacing)
+    lap("brain_mask" if mask_bool is None else "resample")
+
+    if crop:
+        start, stop = _crop_box(brain, spacing, CROP_MARGIN_MM)
+        grid = grid.cropped(start, stop)
+        box = tuple(slice(a, b) for a, b in zip(start, stop))
+        array = np.ascontiguousarray(array[box])
+        brain = np.ascontiguousarray(brain[box])
+        lap("crop")
+
+    if modality in ("swi", "t2s"):
+        report(0.25, "Correcting the bias field (N4)")
+        array = n4_bias_correct(array, brain, spacing)
+        lap("n4")
+
+    report(0.4, "Normalising intensities")
+    intensity = normalise_intensity(array, brain, modality)
+    del array
+    lap("normalise")
+
+    if vessel_suppression:
+        report(0.45, "Suppressing vessels")
+        suppressed = suppress_vessels(intensity, brain, spacing)
+        intensity, vessels = suppressed.image, suppressed.vessel_mask
+        timings.update({f"vessels.{k}": v for k, v in suppressed.timings.items()})
+        lap("vessel_suppression")
+    else:
+        vessels = np.zeros(brain.shape, dtype=bool)
+
+    report(0.8, "Radial symmetry transform (FRST)")
+    frst = frst_3d(intensity, spacing, radii=FRST_RADII, polarity="bright", mask=brain)
+    frst[~brain] = 0.0
+    lap("frst")
+
+    channels = np.stack([intensity, frst]).astype(np.float32, copy=False)
+    timings["total"] = sum(v for k, v in timings.items() if "." not in k)
+    report(1.0, "Features ready")
+    return ScanFeatures(channels, brain, vessels, spacing, grid, modality, timings)

@@ -1,0 +1,204 @@
+"""ScanGrid geometry round trips, brain mask, N4 and intensity normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
+from CMBDetectLib.preprocessing import (
+    ScanGrid,
+    estimate_brain_mask,
+    n4_bias_correct,
+    normalise_intensity,
+    to_working_grid,
+)
+from CMBDetectLib.volume import Volume
+from scipy import ndimage
+
+
+def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    angle = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
+def _image(size_ijk, spacing, direction, origin=(10.0, -20.0, 30.0), array=None) -> sitk.Image:
+    if array is None:
+        array = np.zeros(size_ijk[::-1], np.uint16)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(np.asarray(direction, float).ravel().tolist())
+    return image
+
+
+# direction matrices that are NOT LPS: RAS-flipped, sagittal/coronal acquisitions, oblique
+GEOMETRIES = {
+    "lps": (np.eye(3), (0.8, 0.8, 3.0)),
+    "ras_flipped": (np.diag([-1.0, -1.0, 1.0]), (0.8, 0.8, 3.0)),
+    "sagittal": (np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float), (0.9, 1.0, 4.0)),
+    "coronal_flipped": (np.array([[-1, 0, 0], [0, 0, 1], [0, -1, 0]], float), (0.8, 2.0, 0.8)),
+    "oblique": (_rotation([1, 2, 3], 20) @ np.diag([1.0, -1.0, 1.0]), (0.8, 0.8, 3.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_native_grid_label_round_trip_is_exact(name):
+    direction, spacing = GEOMETRIES[name]
+    size = (20, 17, 11)
+    grid = ScanGrid.from_image(_image(size, spacing, direction))
+    assert not grid.resampled  # every axis is >= 0.8 mm: no interpolation
+    rng = np.random.default_rng(1)
+    labels = np.zeros(size[::-1], np.uint16)
+    voxels = [tuple(int(rng.integers(0, n)) for n in size[::-1]) for _ in range(5)]
+    for value, kji in enumerate(voxels, start=1):
+        labels[kji] = value
+    image = _image(size, spacing, direction, array=labels)
+    working = grid.to_working(image, sitk.sitkNearestNeighbor)
+    assert working.shape == grid.working_shape
+    assert sorted(np.unique(working)) == list(range(6))
+    back = grid.labels_to_input(working)
+    assert back.dtype == labels.dtype
+    np.testing.assert_array_equal(back, labels)
+    input_volume = Volume(labels, spacing, image.GetOrigin(), image.GetDirection())
+    for value, kji in enumerate(voxels, start=1):
+        w = np.argwhere(working == value)[0]
+        np.testing.assert_allclose(grid.working_index_to_input_index(w)[0], kji, atol=1e-6)
+        np.testing.assert_allclose(grid.working_index_to_ras(w)[0], input_volume.index_to_ras(kji)[0],
+                                   atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ras_flipped", "sagittal", "oblique"])
+def test_working_grid_is_lps(name):
+    direction, spacing = GEOMETRIES[name]
+    grid = ScanGrid.from_image(_image((20, 17, 11), spacing, direction))
+    # DICOMOrient: each working axis points (mostly) along +L, +P, +S
+    working_direction = np.array(grid.direction).reshape(3, 3)
+    assert np.all(np.argmax(np.abs(working_direction), axis=0) == [0, 1, 2])
+    assert np.all(np.diag(working_direction) > 0.5)
+
+
+def test_cropped_grid_round_trip():
+    direction, spacing = GEOMETRIES["oblique"]
+    size = (20, 17, 11)
+    labels = np.zeros(size[::-1], np.uint8)
+    labels[5, 8, 9] = 1
+    image = _image(size, spacing, direction, array=labels)
+    grid = ScanGrid.from_image(image)
+    working = grid.to_working(image, sitk.sitkNearestNeighbor)
+    where = np.argwhere(working)[0]
+    start = np.maximum(where - 2, 0)
+    cropped = grid.cropped(start, where + 3)
+    assert cropped.working_shape == tuple(int(v) for v in (where + 3 - start))
+    small = cropped.to_working(image, sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(small, working[tuple(slice(a, b) for a, b in zip(start, where + 3))])
+    np.testing.assert_array_equal(cropped.labels_to_input(small), labels)
+    np.testing.assert_allclose(cropped.working_index_to_input_index(where - start)[0], (5, 8, 9), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lps", "ras_flipped", "oblique"])
+def test_fine_grid_is_resampled_and_maps_back(name):
+    direction, _ = GEOMETRIES[name]
+    spacing = (0.45, 0.45, 1.0)
+    size = (60, 56, 24)
+    grid = ScanGrid.from_image(_image(size, spacing, direction), working_spacing_mm=0.8)
+    assert grid.resampled
+    np.testing.assert_allclose(sorted(grid.spacing), [0.8, 0.8, 1.0])
+    # field of view preserved
+    extent_in = np.sort(np.array(size) * spacing)
+    extent_w = np.sort(np.array(grid.working_shape[::-1]) * np.array(grid.spacing))
+    np.testing.assert_allclose(extent_w, extent_in, atol=0.8)
+    # a 2 mm blob: same physical place after to_working (linear) and labels_to_input (nearest)
+    k, j, i = np.meshgrid(*[np.arange(n) * s for n, s in zip(size[::-1], spacing[::-1])], indexing="ij")
+    centre = np.array([11.0, 12.3, 14.1])  # mm in k, j, i
+    blob = ((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2) <= 2.0 ** 2
+    image = _image(size, spacing, direction, array=blob.astype(np.float32) * 100)
+    working = grid.to_working(image, sitk.sitkLinear)
+    assert working.dtype == np.float32
+    back = grid.labels_to_input((working > 50).astype(np.uint8)).astype(bool)
+    c_in = np.array(ndimage.center_of_mass(blob)) * spacing[::-1]
+    c_back = np.array(ndimage.center_of_mass(back)) * spacing[::-1]
+    assert np.linalg.norm(c_in - c_back) < 0.4
+    assert 2 * (back & blob).sum() / (back.sum() + blob.sum()) > 0.75
+    # point mapping agrees with the resampled image
+    w_centre = np.array(ndimage.center_of_mass(working))
+    c_mapped = grid.working_index_to_input_index(w_centre)[0] * spacing[::-1]
+    assert np.linalg.norm(c_mapped - c_in) < 0.4
+
+
+def test_to_working_grid_and_volume_like():
+    image = _image((12, 10, 9), (1.0, 1.0, 1.0), np.diag([-1.0, 1.0, 1.0]),
+                   array=np.arange(12 * 10 * 9, dtype=np.float32).reshape(9, 10, 12))
+    array, grid = to_working_grid(image)
+    assert array.shape == grid.working_shape == (9, 10, 12)
+    np.testing.assert_array_equal(array, sitk.GetArrayFromImage(image)[:, :, ::-1])  # L-R flip
+    volume = grid.input_volume_like(grid.labels_to_input(array))
+    assert volume.spacing == (1.0, 1.0, 1.0) and volume.direction == image.GetDirection()
+
+
+def _head(shape=(40, 64, 56), spacing=(3.0, 0.8, 0.8), skull=True):
+    sp = np.array(spacing)
+    grids = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, sp)], indexing="ij")
+    semi = 0.45 * np.array(shape) * sp
+    r = sum((g / a) ** 2 for g, a in zip(grids, semi))
+    image = np.zeros(shape, np.float32)
+    brain = r <= (0.6 if skull else 1.0)
+    if skull:
+        image[r <= 1.0] = 700.0   # scalp
+        image[r <= 0.85] = 80.0   # skull (~5 mm)
+    image[brain] = 500.0
+    image += np.random.default_rng(0).normal(0, 15, shape).astype(np.float32)
+    if skull:
+        image = np.abs(image)
+    else:
+        image[~brain] = 0
+    return image, brain
+
+
+@pytest.mark.parametrize("skull", [True, False])
+def test_estimate_brain_mask(skull):
+    image, brain = _head(skull=skull)
+    mask = estimate_brain_mask(image, (3.0, 0.8, 0.8))
+    assert mask.dtype == bool
+    dice = 2 * (mask & brain).sum() / (mask.sum() + brain.sum())
+    assert dice > (0.9 if skull else 0.99)
+
+
+def test_n4_removes_smooth_bias():
+    shape, spacing = (24, 64, 64), (3.0, 0.8, 0.8)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    bias = (1.0 + 0.35 * grids[1] + 0.25 * grids[2] ** 2 - 0.15 * grids[0]).astype(np.float32)
+    truth = np.full(shape, 400.0, np.float32)
+    truth += np.random.default_rng(0).normal(0, 4, shape).astype(np.float32)
+    mask = np.ones(shape, bool)
+    mask[:, :4] = mask[:, -4:] = False
+    corrected = n4_bias_correct(truth * bias, mask, spacing)
+    assert corrected.shape == shape and corrected.dtype == np.float32
+
+    def cv(a):
+        return a[mask].std() / a[mask].mean()
+
+    assert cv(truth * bias) > 0.15
+    assert cv(corrected) < 0.5 * cv(truth * bias)
+
+
+def test_normalisation_inverts_swi_not_qsm():
+    rng = np.random.default_rng(0)
+    image = (rng.normal(500, 20, (16, 16, 16))).astype(np.float32)
+    mask = np.zeros(image.shape, bool)
+    mask[2:14, 2:14, 2:14] = True
+    image[8, 8, 8] = 50.0    # a dark (SWI) spot
+    image[5, 5, 5] = 900.0   # a bright spot
+    image[3, 3, 3] = 1e6     # one hot voxel must not squash the contrast
+    for modality in ("swi", "t2s", "SWI"):
+        out = normalise_intensity(image, mask, modality)
+        assert out.dtype == np.float32
+        assert out.min() >= 0 and out.max() <= 1 and np.all(out[~mask] == 0)
+        assert out[8, 8, 8] > 0.85
+        assert out[5, 5, 5] < 0.05
+        assert 0.02 < np.median(out[mask]) < 0.3  # not near 1 despite the 1e6 voxel
+    qsm = normalise_intensity(image, mask, "qsm")
+    assert qsm[5, 5, 5] > 0.9 and qsm[8, 8, 8] < 0.05
+    assert np.all(qsm[~mask] == 0) and qsm.max() <= 1 and qsm.min() >= 0
+    assert 0.2 < np.median(qsm[mask]) < 0.8
