@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,47 @@ class CMBDetect(ScriptedLoadableModule):
         self.parent.acknowledgementText = _(
             "Method: Sundaresan et al., automated detection of cerebral microbleeds on MR images using "
             "knowledge distillation.")
+        # The one-click demo case appears in the Sample Data module once the application has started.
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+#
+# Sample data: generated locally (CMBDetectLib.sample_data), verified by sha256 on every re-use
+#
+
+
+def registerSampleData() -> None:
+    """Register "CMBDetect synthetic SWI" with the SampleData module (generated, not downloaded)."""
+    import SampleData
+
+    moduleDirectory = os.path.dirname(os.path.abspath(__file__))
+    if moduleDirectory not in sys.path:   # the engine package ships next to this file
+        sys.path.insert(0, moduleDirectory)
+    from CMBDetectLib.sample_data import SAMPLE_TITLE
+
+    iconPath = os.path.join(moduleDirectory, "Resources", "Icons", "CMBDetect.png")
+    # No URL: the customDownloader generates the case (seeded) into Slicer's cache folder, or re-uses the
+    # cached file after checking its sha256 against the record written with it.
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="CMBDetect", sampleName=SAMPLE_TITLE, uris=[], fileNames=[], nodeNames=[],
+        thumbnailFileName=iconPath, customDownloader=loadSyntheticSample)
+
+
+def loadSyntheticSample(*source):
+    """Generate (or re-use, sha256-verified) the synthetic SWI case and load it; returns the volume node."""
+    from CMBDetectLib.sample_data import SAMPLE_NAME, get_sample
+
+    with slicer.util.tryWithErrorDisplay(_("Failed to generate the CMBDetect sample."), waitCursor=True):
+        slicer.util.showStatusMessage(_("Generating the synthetic SWI sample (about 10 s the first time)..."))
+        slicer.app.processEvents()
+        sample = get_sample(os.path.join(slicer.app.cachePath, "CMBDetect"))
+        node = slicer.util.loadVolume(str(sample.image), {"name": SAMPLE_NAME})
+        node.SetAttribute("CMBDetect.sampleSha256", sample.sha256)
+        node.SetAttribute("CMBDetect.groundTruth", str(sample.truth))
+        slicer.util.showStatusMessage(_("Loaded the synthetic SWI sample with {n} microbleeds.").format(
+            n=sample.n_cmbs), 5000)
+        return node
+    return None
 
 
 #
@@ -131,6 +173,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveReviewButton.connect("clicked(bool)", self.onSaveReview)
         self.ui.loadReviewButton.connect("clicked(bool)", self.onLoadReview)
         self.ui.candidateTable.connect("itemSelectionChanged()", self.onTableSelectionChanged)
+        self.ui.locateButton.connect("clicked(bool)", self.onLocate)
+        self.ui.exportReportButton.connect("clicked(bool)", self.onExportReport)
+        self.ui.showAtlasOutlineCheckBox.connect("toggled(bool)", self.onShowAtlasOutline)
+        self.ui.regionsTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.regionsTable.verticalHeader().setVisible(False)
 
         # Detection progress is polled, never waited for: the GUI thread stays free.
         self.pollTimer = qt.QTimer()
@@ -264,6 +311,10 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        self.ui.addMissedButton, self.ui.segmentEditorButton, self.ui.saveReviewButton):
             widget.enabled = reviewing and not detecting
         self.ui.loadReviewButton.enabled = hasInput and not detecting
+        self.ui.locateButton.enabled = reviewing and not detecting
+        located = reviewing and self.logic.reviewSession.anatomy is not None
+        self.ui.exportReportButton.enabled = located and not detecting
+        self.ui.showAtlasOutlineCheckBox.enabled = located
         self.ui.inputsCollapsibleButton.enabled = not detecting
         self.ui.modelCollapsibleButton.enabled = not detecting
         self.updateCpuNote()
@@ -286,13 +337,14 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if session is None:
                 table.setRowCount(0)
                 self.ui.countsLabel.text = _("No detection yet.")
+                self.refreshSummary()
                 return
             rows = session.table_rows()
             table.setRowCount(len(rows))
             for row, values in enumerate(rows):
                 cells = (str(values["id"]), f"{values['volume_mm3']:.1f}",
                          _formatProbability(values["p_det"]), _formatProbability(values["p_disc"]),
-                         values["status"])
+                         values["status"], values.get("region") or "")
                 for column, text in enumerate(cells):
                     item = table.item(row, column)
                     if item is None:
@@ -308,6 +360,22 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          "{rejected} rejected, {pending} pending").format(**counts)
         finally:
             self._updatingTable = False
+
+    def refreshSummary(self) -> None:
+        """Summary text and regions table of the last "Locate and summarise" (empty before)."""
+        session = self.logic.reviewSession if self.logic else None
+        located = session.anatomy if session is not None else None
+        table = self.ui.regionsTable
+        if located is None:
+            self.ui.summaryTextEdit.setPlainText("")
+            table.setRowCount(0)
+            return
+        self.ui.summaryTextEdit.setPlainText(located.text())
+        rows = located.region_counts()
+        table.setRowCount(len(rows))
+        for row, values in enumerate(rows):
+            for column, value in enumerate(values):
+                table.setItem(row, column, qt.QTableWidgetItem(str(value)))
 
     # ------------------------------------------------------------------ inputs
     def onInputVolumeChanged(self, node) -> None:
@@ -509,6 +577,40 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(_("Review resumed from {path}").format(path=path))
         self.refreshReview()
         self.updateGUI()
+
+    # ------------------------------------------------------------------ summary
+    def onLocate(self) -> None:
+        # Registration runs here on the main thread (5-10 s) with a wait cursor; the progress callback
+        # repaints the status line between its stages. See CMBDetectLogic.locateAndSummarise for why.
+        def progress(fraction, message):
+            self.ui.statusLabel.text = message
+            slicer.app.processEvents(qt.QEventLoop.ExcludeUserInputEvents)
+
+        with slicer.util.tryWithErrorDisplay(_("Could not locate the microbleeds in the atlas."),
+                                             waitCursor=True):
+            located = self.logic.locateAndSummarise(showOutline=self.ui.showAtlasOutlineCheckBox.checked,
+                                                    progress=progress)
+            self.setStatus(_("{n} CMBs located (registration Dice {dice:.2f}).").format(
+                n=located.summary.total, dice=located.registration.dice))
+        self.refreshReview()
+        self.refreshSummary()
+        self.updateGUI()
+
+    def onExportReport(self) -> None:
+        settings = qt.QSettings()
+        directory = qt.QFileDialog.getExistingDirectory(
+            slicer.util.mainWindow(), _("Export report to folder"),
+            str(settings.value(SETTINGS_REVIEW_DIR, "")))
+        if not directory:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to export the report."), waitCursor=True):
+            paths = self.logic.exportReport(directory)
+            self.setStatus(_("Report written: {path}").format(path=paths["report"]))
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(paths["report"])))
+
+    def onShowAtlasOutline(self, checked: bool) -> None:
+        if self.logic.reviewSession is not None:
+            self.logic.setAtlasOutlineVisible(checked)
 
 
 def _formatProbability(value) -> str:
@@ -857,6 +959,51 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         node.minEdgeDistanceMm = parameters.min_edge_distance_mm
         self._useSession(session)
         return session
+
+    # ------------------------------------------------------------------ anatomy and clinical summary
+    def locateAndSummarise(self, thDefinite: float = 0.8, showOutline: bool = False, reregister: bool = False,
+                           progress=None):
+        """Atlas region of every CMB (segment tags + table), clinical summary, atlas outline overlay.
+
+        Runs on the calling thread: the atlas registration takes 5-10 s once per case (later calls re-use it
+        unless ``reregister``). It is not sent to a background process like detection because its result
+        (the transform and the atlas, in memory) is needed in this process anyway to name regions and to
+        draw the outline, and because it is short and user-initiated. Raises ``InputError`` (scene
+        unchanged) for an image the atlas cannot be registered to.
+        """
+        from CMBDetectLib.mrml import anatomy
+
+        session = self._session()
+        previous = session.anatomy
+        registration = previous.registration if previous is not None and not reregister else None
+        maskNode = self.getParameterNode().brainMask
+        mask = None
+        if maskNode is not None and registration is None:
+            from CMBDetectLib.mrml import geometry
+
+            mask = _labelmapVolume(maskNode) if maskNode.IsA("vtkMRMLLabelMapVolumeNode") else \
+                geometry.volume_from_node(maskNode)
+        return anatomy.locate_and_summarise(session, mask=mask, registration=registration,
+                                            th_definite=thDefinite, show_outline=showOutline,
+                                            progress=progress)
+
+    def exportReport(self, directory, stem: Optional[str] = None) -> dict:
+        """Summary CSV, CMB table CSV and the one-page HTML report of the last locateAndSummarise."""
+        from CMBDetectLib.mrml import anatomy
+
+        session = self._session()
+        if session.anatomy is None:
+            raise RuntimeError(_("Press 'Locate and summarise' first."))
+        return anatomy.export_report(session, session.anatomy, directory, stem=stem)
+
+    def setAtlasOutlineVisible(self, visible: bool) -> bool:
+        from CMBDetectLib.mrml import anatomy
+
+        return anatomy.set_outline_visible(self._session(), visible)
+
+    def loadSampleData(self):
+        """The generated synthetic SWI sample (sha256-verified cache), loaded as a volume node."""
+        return loadSyntheticSample()
 
 
 def _labelmapVolume(node):

@@ -15,8 +15,13 @@ import numpy as np
 
 
 def render_slice_view(scene, slice_node, background_volume, size: tuple[int, int] = (512, 512),
-                      app_logic=None) -> np.ndarray:
-    """RGB image (rows top to bottom) of ``slice_node`` showing ``background_volume`` and segmentations."""
+                      app_logic=None, field_of_view_mm: float | None = None,
+                      centre_ras=None) -> np.ndarray:
+    """RGB image (rows top to bottom) of ``slice_node`` showing ``background_volume`` and segmentations.
+
+    By default the whole volume is fitted into the view; ``field_of_view_mm`` (width) zooms in, centred on
+    ``centre_ras`` (e.g. a candidate) if given.
+    """
     import slicer
     import vtk
     from vtk.util import numpy_support
@@ -37,6 +42,12 @@ def render_slice_view(scene, slice_node, background_volume, size: tuple[int, int
     offset = slice_node.GetSliceOffset()
     slice_logic.FitSliceToBackground()   # "reset field of view", which also re-centres the slice ...
     slice_node.SetSliceOffset(offset)    # ... so go back to the slice the caller chose (e.g. a candidate)
+    if field_of_view_mm:
+        depth = slice_node.GetFieldOfView()[2]
+        slice_node.SetFieldOfView(float(field_of_view_mm), float(field_of_view_mm) * height / width, depth)
+    if centre_ras is not None:
+        r, a, s = (float(v) for v in centre_ras)
+        slice_node.JumpSliceByCentering(r, a, s)
     slice_logic.UpdateSliceNode()
 
     render_window = vtk.vtkRenderWindow()

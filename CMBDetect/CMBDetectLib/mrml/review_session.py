@@ -64,6 +64,10 @@ class ReviewSession:
         self._voxel_mm3 = float(abs(np.linalg.det(self._ijk_to_ras[:3, :3])))
         self._written: dict[int, tuple[str, int]] = {}   # id -> (fingerprint we wrote, modification stamp)
         self._boxes_for: tuple[Any, list] | None = None    # (label array, find_objects boxes), cached
+        # Anatomical region of each CMB as its segment tags ({"region", "category", "side"}), once located
+        # (``mrml.anatomy.locate_and_summarise``); kept across threshold changes, saved in the segment tags.
+        self.regions: dict[int, dict[str, str]] = {}
+        self.anatomy: Any = None   # the last mrml.anatomy.ReviewSummary
 
     # ================================================================== creation
     @classmethod
@@ -153,8 +157,11 @@ class ReviewSession:
                 hierarchy.SetItemParent(item, parent)
 
     def remove_nodes(self) -> None:
-        """Remove the segmentation and table from the scene (e.g. "discard review")."""
-        for node in (self.segmentation_node, self.table_node):
+        """Remove the segmentation, table and atlas outline from the scene (e.g. "discard review")."""
+        outline = self.segmentation_node.GetNodeReference("CMBDetect.atlasOutline")
+        for node in (outline, self.segmentation_node, self.table_node):
+            if node is None:
+                continue
             scene = node.GetScene()
             if scene is not None:
                 scene.RemoveNode(node)
@@ -262,6 +269,8 @@ class ReviewSession:
                                     "volume_mm3": float(entry.volume_mm3), "final": entry.final,
                                     "reason": entry.reason, "edited": entry.edited,
                                     "centroid_ras": entry.centroid_ras})
+        if entry.id in self.regions:   # a segment re-created after a threshold change keeps its region
+            segments.set_tags(segment, self.regions[entry.id])
         segments.apply_decision(segment, entry.decision)
 
     def set_parameters(self, parameters) -> dict[str, int]:
@@ -511,7 +520,12 @@ class ReviewSession:
 
     # ================================================================== table
     def _update_table(self) -> None:
-        table.update_table(self.table_node, self.review.cmbs)
+        table.update_table(self.table_node, self.review.cmbs, self.region_labels())
+
+    def region_labels(self) -> dict[int, str]:
+        """``{id: "left thalamus"}`` for the CMBs whose region is known."""
+        return {cmb_id: segments.region_label(tags.get("region", ""), tags.get("side", ""))
+                for cmb_id, tags in self.regions.items() if tags.get("region")}
 
     def table_rows(self) -> list[dict]:
         return table.table_rows(self.table_node)
@@ -583,6 +597,10 @@ class ReviewSession:
             written = segments.get_tag(segment, "fingerprint")
             if written:
                 session._written[entry.id] = (written, -1)
+            region = {key: value for key in segments.REGION_TAG_KEYS
+                      if (value := segments.get_tag(segment, key)) is not None}
+            if region.get("region"):
+                session.regions[entry.id] = region
         if files.get("session") and (review_path.parent / files["session"]).is_file():
             session.session_file = review_path.parent / files["session"]
         session._build(session._update_table)

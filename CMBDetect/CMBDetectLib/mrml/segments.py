@@ -17,8 +17,9 @@ from CMBDetectLib.review import Decision
 
 BINARY_LABELMAP = "Binary labelmap"
 TAG_PREFIX = "CMBDetect."
+REGION_TAG_KEYS = ("region", "category", "side")   # written once the CMBs are located (mrml.anatomy)
 TAG_KEYS = ("id", "decision", "p_det", "p_disc", "volume_mm3", "final", "reason", "edited", "fingerprint",
-            "centroid_ras")
+            "centroid_ras") + REGION_TAG_KEYS
 
 # Colours by decision (RGB 0..1): chosen to stay distinguishable for red-green colour-blind readers by
 # differing in brightness too (pending bright yellow, accepted mid green, rejected dark red, added cyan).
@@ -72,6 +73,11 @@ def set_tags(segment, values: dict[str, Any]) -> None:
             segment.SetTag(TAG_PREFIX + key, " ".join(f"{float(v):.4f}" for v in value))
         else:
             segment.SetTag(TAG_PREFIX + key, str(value))
+
+
+def region_label(name: str, side: str) -> str:
+    """What the table shows for a region (``left thalamus``; the same rule as ``RegionInfo.label``)."""
+    return name if side in ("midline", "unknown", "") else f"{side} {name}"
 
 
 def read_tags(segment) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from CMBDetectLib.review import CandidateReview
 
@@ -13,6 +13,7 @@ COLUMNS = (  # (name, vtk array class, title shown in Slicer, unit)
     ("p_disc", "vtkDoubleArray", "p_disc", ""),
     ("status", "vtkStringArray", "Status", ""),
     ("segment_id", "vtkStringArray", "Segment", ""),
+    ("region", "vtkStringArray", "Region", ""),
 )
 
 
@@ -27,8 +28,12 @@ def new_table_node(name: str):
     return node
 
 
-def update_table(node, entries: Sequence[CandidateReview]) -> None:
-    """Replace the rows of ``node`` with ``entries`` (one Modified event for the whole table)."""
+def update_table(node, entries: Sequence[CandidateReview], regions: Mapping[int, str] | None = None) -> None:
+    """Replace the rows of ``node`` with ``entries`` (one Modified event for the whole table).
+
+    ``regions``: ``{id: "left thalamus"}`` once the CMBs are located (empty cell otherwise).
+    """
+    regions = regions or {}
     import vtk
 
     table = vtk.vtkTable()
@@ -46,6 +51,7 @@ def update_table(node, entries: Sequence[CandidateReview]) -> None:
         columns["p_disc"].SetValue(row, _probability(entry.p_disc))
         columns["status"].SetValue(row, entry.decision.value)
         columns["segment_id"].SetValue(row, entry.segment_id)
+        columns["region"].SetValue(row, regions.get(entry.id, ""))
     was_modifying = node.StartModify()
     node.SetAndObserveTable(table)
     for name, _array_class, title, unit in COLUMNS:
