@@ -3,8 +3,8 @@
 - Test set: synthetic scans generated with seeds the model never saw (``TEST_SEED``), every modality
   (SWI / T2*-GRE / QSM) x slice thickness (1 / 3 / 5 mm) cell.
 - The learned pipeline (``cmbdetect detect``), the classical baseline (FRST + threshold + the same
-  post-processing; its FRST threshold chosen on *training* scans), and - when the model package carries a
-  no-KD student (``student_nokd``) - the same pipeline with the student trained without distillation.
+  post-processing; its FRST threshold chosen on *training* scans), and the ablation package written by
+  ``make model`` (the same student network trained without distillation, same stage 1 and candidates).
 - Writes ``docs/evaluation.md`` (tables), ``docs/froc.png`` and ``build/evaluation/report.json``.
 """
 
@@ -133,6 +133,8 @@ def main() -> int:
     parser.add_argument("--train-data", default="build/model/data/train",
                         help="training scans (only to choose the baseline's threshold)")
     parser.add_argument("--docs", default="docs")
+    parser.add_argument("--ablation-model", default="build/model/cmbdetect-synth-nokd-1.0.0",
+                        help="the no-KD student package written by `make model`")
     args = parser.parse_args()
     work = Path(args.work)
     test = work / "test"
@@ -146,9 +148,8 @@ def main() -> int:
     learned = evaluate(work / "pred_learned", test)
 
     ablation = None
-    if model.has("student_nokd"):
-        from CMBDetectLib.training.ablation import model_without_kd
-        nokd = model_without_kd(model, work / "model_nokd")
+    if Path(args.ablation_model).is_dir():
+        nokd = ModelPackage.load(args.ablation_model)
         detect_learned(images, work / "pred_nokd", str(nokd.path))
         ablation = evaluate(work / "pred_nokd", test)
 
@@ -164,10 +165,10 @@ def main() -> int:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_froc_png(learned, docs / "froc.png")
-    curves = {"learned (p_disc after post-processing)": learned.froc_curves().get("p_disc_postprocessed", [])}
+    curves = {"learned (p_disc after post-processing)": learned.froc_curves().get("discrimination + post-processing (th_disc)", [])}
     if ablation is not None:
-        curves["student without KD"] = ablation.froc_curves().get("p_disc_postprocessed", [])
-    curves["baseline (FRST threshold)"] = baseline.froc_curves().get("p_disc_postprocessed", [])
+        curves["student without KD"] = ablation.froc_curves().get("discrimination + post-processing (th_disc)", [])
+    curves["baseline (FRST threshold)"] = baseline.froc_curves().get("discrimination + post-processing (th_disc)", [])
     plot_froc({k: v for k, v in curves.items() if v}, docs / "froc_comparison.png",
               title="FROC on the held-out synthetic test set")
 

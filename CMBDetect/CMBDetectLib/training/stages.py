@@ -1,0 +1,153 @@
+"""The three training stages as (train step, validation) pairs for :func:`loop.train_stage`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional name
+from torch import nn
+
+from CMBDetectLib.networks import StudentNet, TeacherNet
+from CMBDetectLib.progress import ProgressCallback
+from CMBDetectLib.training.config import StageConfig, TrainingConfig
+from CMBDetectLib.training.data import TrainingCase
+from CMBDetectLib.training.log import JsonLinesLog
+from CMBDetectLib.training.loop import StageResult, train_stage
+from CMBDetectLib.training.losses import SegmentationLoss, TeacherLoss, distillation_loss
+from CMBDetectLib.training.sampling import (
+    CandidateSampler,
+    PatchItem,
+    TeacherSampler,
+    sample_segmentation_batch,
+)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def _batched_mean(function, count: int, batch_size: int) -> float:
+    """Mean of ``function(start, stop)`` over mini-batches, weighted by their size."""
+    total, seen = 0.0, 0
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
+        total += float(function(start, stop)) * (stop - start)
+        seen += stop - start
+    return total / max(seen, 1)
+
+
+def train_segmentation_stage(network: nn.Module, cases: list[TrainingCase], train: list[int],
+                             validation: list[int], config: StageConfig, *, seed: int, device: torch.device,
+                             checkpoint: Path | None, log: JsonLinesLog, progress: ProgressCallback | None,
+                             cancel) -> StageResult:
+    """Stage 1: the shallow U-Net on patches ~half of which hold a CMB (weighted CE + Dice)."""
+    loss_function = SegmentationLoss().to(device)
+    network.to(device)
+
+    def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
+        x, y = sample_segmentation_batch(cases, train, rng, config.batch_size, config.patch_size,
+                                         config.positive_fraction, config.augmentation)
+        return loss_function(model(_tensor(x, device)), _tensor(y, device))
+
+    val_x, val_y = sample_segmentation_batch(cases, validation, np.random.default_rng([seed, 101]),
+                                             config.validation_patches, config.patch_size,
+                                             config.positive_fraction, config.augmentation.disabled())
+
+    def validate(model: nn.Module) -> float:
+        return _batched_mean(lambda a, b: loss_function(model(_tensor(val_x[a:b], device)),
+                                                        _tensor(val_y[a:b], device)),
+                             len(val_x), config.batch_size)
+
+    return train_stage("stage1", network, config, step, validate, seed=seed, checkpoint_path=checkpoint,
+                       log=log, progress=progress, cancel=cancel)
+
+
+def train_teacher_stage(teacher: TeacherNet, cases: list[TrainingCase], train: list[int],
+                        validation: list[int], candidates: list[PatchItem], settings: TrainingConfig, *,
+                        seed: int, device: torch.device, checkpoint: Path | None, log: JsonLinesLog,
+                        progress: ProgressCallback | None, cancel) -> StageResult:
+    """Teacher: multi-task (segmentation + patch classification) on 24^3 patches."""
+    config = settings.teacher
+    loss_function = TeacherLoss().to(device)
+    teacher.to(device)
+    sampler = TeacherSampler(cases, train, candidates, config.patch_size, settings.central_radius,
+                             np.random.default_rng([seed, 201]))
+    validation_sampler = TeacherSampler(cases, validation, candidates, config.patch_size,
+                                        settings.central_radius, np.random.default_rng([seed, 202]))
+    val_x, val_y, val_c = validation_sampler.sample(np.random.default_rng([seed, 203]),
+                                                    config.validation_patches, config.positive_fraction,
+                                                    config.augmentation.disabled())
+
+    def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
+        x, y, c = sampler.sample(rng, config.batch_size, config.positive_fraction, config.augmentation)
+        seg, cls = model(_tensor(x, device))
+        return loss_function(seg, cls, _tensor(y, device), _tensor(c, device))
+
+    def validate(model: nn.Module) -> float:
+        def loss(a: int, b: int) -> torch.Tensor:
+            seg, cls = model(_tensor(val_x[a:b], device))
+            return loss_function(seg, cls, _tensor(val_y[a:b], device), _tensor(val_c[a:b], device))
+
+        return _batched_mean(loss, len(val_x), config.batch_size)
+
+    return train_stage("teacher", teacher, config, step, validate, seed=seed, checkpoint_path=checkpoint,
+                       log=log, progress=progress, cancel=cancel)
+
+
+def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-class mean cross-entropies: validation candidates are mostly negatives, and an
+    unweighted loss would reward a student that calls everything a non-CMB."""
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    per_class = [losses[labels == c].mean() for c in (0, 1) if bool((labels == c).any())]
+    return torch.stack(per_class).mean()
+
+
+def train_student_stage(student: StudentNet, teacher: nn.Module | None, cases: list[TrainingCase],
+                        train_items: list[PatchItem], validation_items: list[PatchItem],
+                        settings: TrainingConfig, *, seed: int, device: torch.device,
+                        checkpoint: Path | None, log: JsonLinesLog, progress: ProgressCallback | None,
+                        cancel) -> StageResult:
+    """Student on candidate-centred patches with the distillation loss (or plain CE for the ablation)."""
+    config = settings.student
+    distil = settings.distillation and teacher is not None
+    alpha, beta = (settings.alpha, settings.beta) if distil else (1.0, 0.0)
+    student.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    sampler = CandidateSampler(cases, train_items, config.patch_size)
+    val_x, val_y = CandidateSampler(cases, validation_items, config.patch_size).all_patches(
+        config.validation_patches, np.random.default_rng([seed, 301]))
+
+    def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
+        x, y = sampler.sample(rng, config.batch_size, config.positive_fraction, config.augmentation)
+        inputs = _tensor(x, device)
+        teacher_logits = None
+        if distil:
+            with torch.no_grad():
+                teacher_logits = teacher.classify(inputs) if hasattr(teacher, "classify") else teacher(inputs)
+        return distillation_loss(model(inputs), teacher_logits, _tensor(y, device), alpha, beta, settings.tau)
+
+    def validate(model: nn.Module) -> float:
+        if len(val_x) == 0:
+            return 0.0
+        logits = torch.cat([model(_tensor(val_x[a:a + 64], device)) for a in range(0, len(val_x), 64)])
+        return float(balanced_cross_entropy(logits, _tensor(val_y, device)))
+
+    return train_stage("student", student, config, step, validate, seed=seed, checkpoint_path=checkpoint,
+                       log=log, progress=progress, cancel=cancel,
+                       fingerprint_extra={"distillation": distil, "alpha": alpha, "beta": beta,
+                                          "tau": settings.tau})
+
+
+def score_items(student: nn.Module, cases: list[TrainingCase], items: list[PatchItem], patch_size: int,
+                device: torch.device) -> np.ndarray:
+    """Student CMB probability of every item (unaugmented patches)."""
+    x, _ = CandidateSampler(cases, items, patch_size).all_patches()
+    if len(x) == 0:
+        return np.zeros(0)
+    student.to(device).eval()
+    with torch.no_grad():
+        logits = torch.cat([student(_tensor(x[a:a + 64], device)) for a in range(0, len(x), 64)])
+    return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()

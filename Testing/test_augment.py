@@ -1,0 +1,82 @@
+"""Table 1 augmentations: seeded, within their ranges, label-preserving."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from CMBDetectLib.training.augment import AugmentationConfig, augment_patch, random_offset
+
+
+def _patch() -> np.ndarray:
+    rng = np.random.default_rng(1)
+    patch = np.zeros((2, 16, 16, 16), dtype=np.float32)
+    patch[0] = 0.5 + 0.1 * rng.standard_normal((16, 16, 16))
+    patch[0, 7:9, 7:9, 7:9] = 1.0
+    patch[1, 6:10, 6:10, 6:10] = 0.8
+    return patch
+
+
+def test_same_seed_same_result_and_input_untouched() -> None:
+    patch = _patch()
+    original = patch.copy()
+    config = AugmentationConfig(noise_probability=1.0, blur_probability=1.0)
+    a = augment_patch(patch, np.random.default_rng(7), config)
+    b = augment_patch(patch, np.random.default_rng(7), config)
+    c = augment_patch(patch, np.random.default_rng(8), config)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(patch, original)
+    assert a.dtype == np.float32 and a.shape == patch.shape
+
+
+def test_noise_variance_is_in_the_table_1_range() -> None:
+    patch = np.zeros((2, 32, 32, 32), dtype=np.float32)
+    patch[0] = np.random.default_rng(0).standard_normal((32, 32, 32))  # unit variance
+    config = AugmentationConfig(noise_probability=1.0, blur_probability=0.0)
+    for seed in range(5):
+        noisy = augment_patch(patch, np.random.default_rng(seed), config)
+        added = np.var(noisy[0] - patch[0])
+        assert 0.008 < added < 0.045
+        np.testing.assert_allclose(noisy[1], 0.0, atol=1e-6)  # FRST channel: no noise
+
+
+def test_absolute_noise_mode() -> None:
+    patch = np.zeros((1, 32, 32, 32), dtype=np.float32)
+    config = AugmentationConfig(noise_probability=1.0, blur_probability=0.0, relative_noise=False)
+    noisy = augment_patch(patch, np.random.default_rng(0), config)
+    assert 0.008 < np.var(noisy[0]) < 0.045
+
+
+def test_blur_follows_table_1_and_keeps_a_single_voxel_cmb() -> None:
+    patch = np.zeros((2, 16, 16, 16), dtype=np.float32)
+    patch[:, 8, 8, 8] = 1.0
+    config = AugmentationConfig(noise_probability=0.0, blur_probability=1.0)
+    blurred = augment_patch(patch, np.random.default_rng(3), config)
+    # sigma <= 0.2 voxel: a neighbour's weight is <= exp(-12.5), so even a 1-voxel CMB survives intact.
+    assert blurred[0, 8, 8, 8] > 0.999
+    assert blurred[0, 8, 8, 9] < 1e-4
+    wide = AugmentationConfig(noise_probability=0.0, blur_probability=1.0, blur_sigma=(1.0, 1.0))
+    wider = augment_patch(patch, np.random.default_rng(3), wide)
+    assert wider[0, 8, 8, 8] < 0.5 and wider[0, 8, 8, 9] > 0.01
+    assert abs(wider[0].sum() - 1.0) < 1e-3  # a blur redistributes intensity, it does not add any
+
+
+def test_disabled_config_is_identity() -> None:
+    patch = _patch()
+    out = augment_patch(patch, np.random.default_rng(0), AugmentationConfig().disabled())
+    np.testing.assert_array_equal(out, patch)
+
+
+def test_translation_offsets_cover_the_range() -> None:
+    rng = np.random.default_rng(0)
+    offsets = np.array([random_offset(rng, 15) for _ in range(2000)])
+    assert offsets.min() == -15 and offsets.max() == 15
+    assert np.all(random_offset(rng, 0) == 0)
+
+
+def test_probability_controls_how_often_noise_applies() -> None:
+    patch = _patch()
+    config = AugmentationConfig(noise_probability=0.5, blur_probability=0.0)
+    changed = sum(not np.array_equal(augment_patch(patch, np.random.default_rng(s), config), patch)
+                  for s in range(400))
+    assert 160 < changed < 240

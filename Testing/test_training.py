@@ -1,0 +1,284 @@
+"""Training: data loading + feature cache, a loss that goes down, determinism, resume, the whole
+stage1 -> teacher -> student -> package run (with distillation, without, and fine-tuning).
+
+Everything is tiny (24x48x48 scans, width-4 networks, a handful of steps) so the file runs in well
+under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_dataset import write_dataset
+
+from CMBDetectLib.errors import CancelledError, ModelError
+from CMBDetectLib.networks import ShallowUNet
+from CMBDetectLib.training import StageConfig, train_model
+from CMBDetectLib.training.augment import AugmentationConfig
+from CMBDetectLib.training.data import load_training_cases
+from CMBDetectLib.training.log import read_log
+from CMBDetectLib.training.loop import learning_rate
+from CMBDetectLib.training.losses import SegmentationLoss
+from CMBDetectLib.training.sampling import sample_segmentation_batch
+from CMBDetectLib.training.stages import train_segmentation_stage
+
+PREPROCESSING = {"working_spacing_mm": 0.8, "vessel_suppression": False}
+
+
+def tiny_stage(**overrides) -> dict:
+    values = dict(patch_size=16, batch_size=4, epochs=2, steps_per_epoch=3, validation_patches=8,
+                  patience=5, max_minutes=None)
+    values.update(overrides)
+    return values
+
+
+def tiny_config(cache: Path, **overrides) -> dict:
+    config = {"stage1_width": 4, "teacher_arm_channels": 8, "teacher_fc": [32, 16, 8], "student_width": 4,
+              "student_arm_channels": 8, "student_fc": [16, 8, 4], "inference_patch_size": 24,
+              "vessel_suppression": False, "cache_dir": str(cache), "device": "cpu", "version": "0.0.1",
+              "stage1": tiny_stage(), "teacher": tiny_stage(), "student": tiny_stage(validation_patches=64)}
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "Dataset001_Tiny", n_cases=4)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def cases(dataset: Path, cache: Path) -> list:
+    return load_training_cases([dataset], PREPROCESSING, cache_dir=cache)
+
+
+def test_cases_have_features_labels_and_hard_negatives(cases: list) -> None:
+    assert len(cases) == 4
+    for case in cases:
+        assert case.channels.shape == (2,) + case.labels.shape
+        assert case.n_cmbs == 3
+        assert len(case.hard_negatives_kji) >= 1
+        # CMBs are bright in the intensity channel after SWI inversion.
+        cmb = case.labels > 0
+        intensity = case.channels[0].astype(np.float32)
+        assert intensity[cmb].mean() > intensity[case.brain_mask & ~cmb].mean() + 0.2
+        # Hard negatives map back onto the mimics (bright-ish, not CMB).
+        k, j, i = np.round(case.hard_negatives_kji[0]).astype(int)
+        assert case.labels[k, j, i] == 0 and intensity[k, j, i] > intensity[case.brain_mask].mean()
+
+
+def test_features_come_from_the_cache_the_second_time(dataset: Path, cache: Path, cases: list,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("features recomputed despite the cache")
+
+    monkeypatch.setattr("CMBDetectLib.features.compute_features", fail)
+    again = load_training_cases([dataset], PREPROCESSING, cache_dir=cache)
+    np.testing.assert_array_equal(again[0].channels, cases[0].channels)
+    assert len(list((cache / "features").glob("*.npz"))) == 4
+    # Another preprocessing setting is another cache entry (so it must recompute).
+    with pytest.raises(AssertionError, match="recomputed"):
+        load_training_cases([dataset], {**PREPROCESSING, "vessel_suppression": True}, cache_dir=cache)
+
+
+def test_learning_rate_schedule_follows_the_paper() -> None:
+    config = StageConfig()
+    rates = [learning_rate(config, epoch) for epoch in range(12)]
+    assert rates[:4] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    assert rates[-1] == pytest.approx(1e-6) and min(rates) == pytest.approx(1e-6)
+
+
+def _stage1_config(**overrides) -> StageConfig:
+    values = dict(tiny_stage(), augmentation=AugmentationConfig(translation_voxels=4))
+    values.update(overrides)
+    return StageConfig(**values)
+
+
+def _run_stage1(cases: list, seed: int, checkpoint: Path | None = None, cancel=None,
+                config: StageConfig | None = None) -> ShallowUNet:
+    torch.manual_seed(seed)
+    network = ShallowUNet(width=4)
+    train_segmentation_stage(network, cases, [0, 1, 2], [3], config or _stage1_config(), seed=seed,
+                             device=torch.device("cpu"), checkpoint=checkpoint, log=None, progress=None,
+                             cancel=cancel)
+    return network
+
+
+def test_stage1_training_lowers_the_loss(cases: list) -> None:
+    config = _stage1_config(epochs=3, steps_per_epoch=12, lr_decay_every=10, lr=3e-3)
+    x, y = sample_segmentation_batch(cases, [3], np.random.default_rng(5), 8, 16, 0.5,
+                                     config.augmentation.disabled())
+    loss = SegmentationLoss()
+
+    def evaluate(network: torch.nn.Module) -> float:
+        network.eval()
+        with torch.no_grad():
+            return float(loss(network(torch.from_numpy(x)), torch.from_numpy(y)))
+
+    torch.manual_seed(0)
+    before = evaluate(ShallowUNet(width=4))
+    after = evaluate(_run_stage1(cases, seed=0, config=config))
+    assert after < 0.88 * before  # measured: ~0.81
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_training_is_deterministic_and_resumes_exactly(cases: list, tmp_path: Path) -> None:
+    first = _run_stage1(cases, seed=3)
+    second = _run_stage1(cases, seed=3)
+    assert _same_weights(first, second)
+    assert not _same_weights(first, _run_stage1(cases, seed=4))
+
+    # Cancel in the middle of the second epoch, then resume from the epoch-1 checkpoint.
+    checkpoint = tmp_path / "stage1.pt"
+    calls = {"n": 0}
+
+    def cancel_after_four_steps() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    with pytest.raises(CancelledError):
+        _run_stage1(cases, seed=3, checkpoint=checkpoint, cancel=cancel_after_four_steps)
+    assert checkpoint.is_file()
+    resumed = _run_stage1(cases, seed=3, checkpoint=checkpoint)
+    assert _same_weights(first, resumed)
+    # A finished checkpoint restores the best weights without training again.
+    event = threading.Event()
+    event.set()  # would cancel at once if any step ran
+    assert _same_weights(first, _run_stage1(cases, seed=3, checkpoint=checkpoint, cancel=event))
+
+
+def test_train_model_end_to_end_with_and_without_distillation(dataset: Path, cache: Path,
+                                                              tmp_path: Path) -> None:
+    from CMBDetectLib.model_package import ModelPackage
+
+    fractions: list[float] = []
+    package = train_model([dataset], tmp_path / "kd", tiny_config(cache), seed=0,
+                          progress=lambda f, m: fractions.append(f))
+    loaded = ModelPackage.load(tmp_path / "kd")
+    assert loaded.has("stage1") and loaded.has("student") and loaded.has("teacher")
+    assert loaded.patch_size("stage1") == 24 and loaded.patch_size("student") == 16
+    assert 0 < loaded.thresholds["th_disc"] < 1 and loaded.thresholds["th_det"] == 0.5
+    assert loaded.preprocessing["vessel_suppression"] is False
+    training = package.manifest["training"]
+    assert training["distillation"] is True
+    assert set(training["cases"]["train"]).isdisjoint(training["cases"]["validation"])
+    student = loaded.network("student")
+    with torch.no_grad():
+        assert student(torch.zeros(2, 2, 16, 16, 16)).shape == (2, 2)
+    assert fractions[-1] == 1.0 and max(fractions) <= 1.0
+    events = [r["event"] for r in read_log(tmp_path / "kd.work" / "train_log.jsonl")]
+    for expected in ("run_start", "stage_done", "candidates", "package_saved"):
+        assert expected in events
+    assert [r["stage"] for r in read_log(tmp_path / "kd.work" / "train_log.jsonl")
+            if r["event"] == "stage_done"] == ["stage1", "teacher", "student"]
+
+    with pytest.raises(ModelError, match="already exists"):
+        train_model([dataset], tmp_path / "kd", tiny_config(cache))
+
+
+
+def test_train_command_no_kd_ablation(dataset: Path, cache: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    from CMBDetectLib.cli import main
+    from CMBDetectLib.model_package import ModelPackage
+
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(tiny_config(cache)))
+    status = main(["train", "--dataset", str(dataset), "--out", str(tmp_path / "nokd"), "--config",
+                   str(config_file), "--no-kd", "--student-steps", "4", "--seed", "2", "--progress", "json"])
+    assert status == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines[-1]["type"] == "result" and lines[-1]["model"] == str(tmp_path / "nokd")
+    assert any(line["type"] == "progress" for line in lines)
+    package = ModelPackage.load(tmp_path / "nokd")
+    assert not package.has("teacher")
+    training = package.manifest["training"]
+    assert training["distillation"] is False and training["stages"]["student"]["steps"] == 4
+
+
+def test_fine_tuning_from_an_existing_package(dataset: Path, cache: Path, tmp_path: Path) -> None:
+    base = train_model([dataset], tmp_path / "base", tiny_config(cache), seed=1)
+    tuned = train_model([dataset], tmp_path / "tuned", tiny_config(cache, stage1_width=8), seed=1,
+                        init_model=tmp_path / "base")
+    training = tuned.manifest["training"]
+    assert training["init_model"]["sha256"] == base.sha256
+    assert training["config"]["stage1"]["lr"] == pytest.approx(1e-4)
+    # The architecture comes from the package, not from the (ignored) width option.
+    assert tuned.manifest["networks"]["stage1"]["config"]["width"] == 4
+    log = read_log(tmp_path / "tuned.work" / "train_log.jsonl")
+    assert any(r["event"] == "teacher_reused" for r in log)
+    assert json.loads((tmp_path / "tuned" / "model.json").read_text())["networks"]["teacher"]["sha256"] == \
+        base.manifest["networks"]["teacher"]["sha256"]
+
+
+def test_training_config_round_trips_and_rejects_unknown_options() -> None:
+    from CMBDetectLib.training import TrainingConfig
+
+    stage1 = {"max_steps": 10, "augmentation": {"translation_voxels": 5}}
+    config = TrainingConfig.from_dict({"stage1_width": 8, "stage1": stage1})
+    assert config.stage1.max_steps == 10 and config.stage1.patch_size == 32  # the rest keeps its default
+    assert config.stage1.augmentation.translation_voxels == 5
+    assert config.stage1.augmentation.noise_variance == (0.01, 0.04)
+    again = TrainingConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainingConfig.from_dict({"stage_one_width": 8})
+    with pytest.raises(ValueError, match="unknown stage option"):
+        TrainingConfig.from_dict({"student": {"steps": 8}})
+
+
+def test_validation_metrics_are_cluster_wise_and_pick_the_best_threshold() -> None:
+    from CMBDetectLib.training.evaluation import choose_discrimination_threshold, discrimination_metrics
+
+    # Candidate 0 overlaps two CMBs (one cluster, two CMBs found); 1 overlaps the third; 2-3 are false.
+    touched = [[("a", 1), ("a", 2)], [("b", 1)], [], []]
+    scores = np.array([0.9, 0.3, 0.6, 0.1])
+    metrics = discrimination_metrics(scores, touched, n_cmbs=3, n_scans=2, threshold=0.5)
+    assert (metrics["tp"], metrics["fp"], metrics["fn"]) == (1, 1, 1)
+    assert metrics["tpr"] == pytest.approx(2 / 3) and metrics["precision"] == pytest.approx(0.5)
+    assert metrics["fp_per_scan"] == pytest.approx(0.5)
+    threshold, best = choose_discrimination_threshold(scores, touched, n_cmbs=3, n_scans=2)
+    assert 0.1 < threshold <= 0.3 and best["tpr"] == 1.0  # keeps candidates 0 and 1, drops the 0.1
+    assert choose_discrimination_threshold(np.zeros(0), [], 3, 2)[0] == 0.5
+
+
+class _BrightVoxels(torch.nn.Module):
+    """A stand-in stage 1 that calls every voxel brighter than ``level`` a CMB."""
+
+    def __init__(self, level: float) -> None:
+        super().__init__()
+        self.level = level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cmb = 200.0 * (x[:, :1] - self.level)
+        return torch.cat([torch.zeros_like(cmb), cmb], dim=1)
+
+
+def test_mined_candidates_are_labelled_by_overlap(cases: list) -> None:
+    from CMBDetectLib.training.mining import candidate_summary, mine_case
+
+    case = cases[0]
+    level = float(case.channels[0][case.labels > 0].astype(np.float32).min()) - 0.02
+    result = mine_case(_BrightVoxels(level), case, 0, th_det=0.5, roi_size=24, overlap=0.25,
+                       evidence_threshold=-1.0, device=torch.device("cpu"))
+    assert result.cmbs_found == case.n_cmbs == 3
+    positives = [item for item in result.items if item.label == 1]
+    assert sorted(cmb for item in positives for cmb in item.cmbs) == [1, 2, 3]
+    for item in result.items:
+        assert bool(item.cmbs) == bool(item.label)
+        if item.label:  # a CMB candidate is centred on its CMB
+            voxel = tuple(np.round(item.centre).astype(int))
+            assert case.instances[voxel] in item.cmbs
+    assert candidate_summary([result])["tpr"] == 1.0
