@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from CMBDetectLib.model_package import sha256_file
+
 DATASET_JSON = "dataset.json"
 IMAGES_DIR = "imagesTr"
 LABELS_DIR = "labelsTr"
@@ -333,14 +335,6 @@ def split_by_subject(cases: list, validation_fraction: float = 0.2,
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def dataset_fingerprint(root: str | os.PathLike, cases: list[str] | None = None) -> str:
     """sha256 over the sorted case files and their sha256 (``dataset.json`` and history excluded).
 
@@ -353,6 +347,6 @@ def dataset_fingerprint(root: str | os.PathLike, cases: list[str] | None = None)
     for name in names:
         for relative in case_paths(name).all():
             path = root / relative
-            file_hash = _sha256_file(path) if path.is_file() else "missing"
+            file_hash = sha256_file(path) if path.is_file() else "missing"
             digest.update(f"{relative}\t{file_hash}\n".encode())
     return digest.hexdigest()

@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -52,6 +51,8 @@ from CMBDetectLib.dataset import (
     dataset_modality,
 )
 from CMBDetectLib.errors import InputError
+from CMBDetectLib.file_lock import FileLock
+from CMBDetectLib.model_package import sha256_file
 from CMBDetectLib.progress import ProgressCallback, no_progress
 from CMBDetectLib.validation import normalise_modality
 from CMBDetectLib.volume import Volume, read_sitk, volume_from_sitk, volume_to_sitk
@@ -101,58 +102,14 @@ class PreparedCase:
 
 
 # ============================================================================================ locking
-class DatasetLock:
+class DatasetLock(FileLock):
     """Exclusive lock on a dataset folder, held while it is modified (an OS lock: never stale)."""
 
     def __init__(self, root: str | os.PathLike, timeout_s: float = 120.0):
         self.root = Path(root)
-        self.path = self.root / LOCK_FILE
-        self.timeout_s = timeout_s
-        self._stream = None
-
-    def __enter__(self) -> DatasetLock:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._stream = open(self.path, "a+b")  # noqa: SIM115 - held until __exit__
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                _try_lock(self._stream)
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self._stream.close()
-                    self._stream = None
-                    raise InputError(f"the dataset {self.root} is busy (another export has held it for "
-                                     f"{self.timeout_s:.0f} s); try again later") from None
-                time.sleep(0.05)
-
-    def __exit__(self, *exc_info) -> None:
-        if self._stream is not None:
-            try:
-                _unlock(self._stream)
-            finally:
-                self._stream.close()
-                self._stream = None
-
-
-if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-    import msvcrt
-
-    def _try_lock(stream) -> None:
-        stream.seek(0)
-        msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
-
-    def _unlock(stream) -> None:
-        stream.seek(0)
-        msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
-else:
-    import fcntl
-
-    def _try_lock(stream) -> None:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def _unlock(stream) -> None:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
+        super().__init__(self.root / LOCK_FILE, timeout_s, busy_error=lambda: InputError(
+            f"the dataset {self.root} is busy (another export has held it for {timeout_s:.0f} s); "
+            "try again later"))
 
 
 # ============================================================================================ transactions
@@ -644,14 +601,6 @@ def load_saved_review(review_path: str | os.PathLike) -> dict:
     return review_to_dict(data)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def export_saved_review(review_path: str | os.PathLike, dataset_dir: str | os.PathLike, *,
                         labels_path: str | os.PathLike | None = None,
                         image_path: str | os.PathLike | None = None, allow_pending: bool = False,
@@ -670,7 +619,7 @@ def export_saved_review(review_path: str | os.PathLike, dataset_dir: str | os.Pa
     image_path = Path(image_path)
     if not image_path.is_file():
         raise InputError(f"the reviewed image {image_path} is not there; give its new location")
-    if recorded.get("sha256") and _sha256_file(image_path) != recorded["sha256"]:
+    if recorded.get("sha256") and sha256_file(image_path) != recorded["sha256"]:
         raise InputError(f"{image_path} is not the image that was reviewed (sha256 differs from the review)")
     image = volume_from_sitk(read_sitk(image_path))
     labels_path = Path(labels_path) if labels_path else find_labels_for_review(review_path, review)

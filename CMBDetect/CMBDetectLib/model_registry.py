@@ -16,14 +16,13 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from CMBDetectLib.errors import ModelError
+from CMBDetectLib.file_lock import FileLock
 from CMBDetectLib.model_package import (
     ModelPackage,
     bundled_models_dir,
@@ -154,53 +153,10 @@ def verify_model(name_or_dir: str | os.PathLike) -> ModelPackage:
 
 
 # ============================================================================================ registering
-class _RegistryLock:
+def _registry_lock(folder: Path) -> FileLock:
     """Serialises version allocation in the user folder (two trainings finishing at once)."""
-
-    def __init__(self, folder: Path, timeout_s: float = 60.0):
-        self.path = folder / REGISTRY_LOCK
-        self.timeout_s = timeout_s
-        self._stream = None
-
-    def __enter__(self) -> _RegistryLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._stream = open(self.path, "a+b")  # noqa: SIM115 - held until __exit__
-        deadline = time.monotonic() + self.timeout_s
-        while True:
-            try:
-                _lock(self._stream)
-                return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self._stream.close()
-                    raise ModelError(f"the model folder {self.path.parent} is busy; try again") from None
-                time.sleep(0.05)
-
-    def __exit__(self, *exc_info) -> None:
-        try:
-            _unlock(self._stream)
-        finally:
-            self._stream.close()
-
-
-if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
-    import msvcrt
-
-    def _lock(stream) -> None:
-        stream.seek(0)
-        msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
-
-    def _unlock(stream) -> None:
-        stream.seek(0)
-        msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
-else:
-    import fcntl
-
-    def _lock(stream) -> None:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def _unlock(stream) -> None:
-        fcntl.flock(stream.fileno(), fcntl.LOCK_UN)
+    return FileLock(folder / REGISTRY_LOCK, 60.0,
+                    busy_error=lambda: ModelError(f"the model folder {folder} is busy; try again"))
 
 
 def _taken_versions(name: str, folder: Path) -> set[str]:
@@ -238,7 +194,7 @@ def register_model(trained: str | os.PathLike | ModelPackage, parent: ModelPacka
     manifest = json.loads(json.dumps(source.manifest))
     parent_info = {"name": parent.name, "version": parent.version, "sha256": parent.sha256,
                    "path": str(parent.path)}
-    with _RegistryLock(folder):
+    with _registry_lock(folder):
         version = next_version(parent.version, _taken_versions(parent.name, folder))
         final = folder / f"{parent.name}-{version}"
         if final.exists():   # belt and braces: _taken_versions already counted every folder
