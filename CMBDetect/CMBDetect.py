@@ -1035,6 +1035,7 @@ class CMBDetectTest(ScriptedLoadableModuleTest):
 
     def _sampleVolume(self):
         import numpy as np
+
         from CMBDetectLib.mrml import geometry
         from CMBDetectLib.volume import Volume
 
@@ -1102,6 +1103,7 @@ class CMBDetectTest(ScriptedLoadableModuleTest):
     def test_BadInputs(self):
         self.delayDisplay("Bad inputs give clear messages and leave the scene unchanged")
         import numpy as np
+
         from CMBDetectLib.errors import InputError
         from CMBDetectLib.mrml import geometry
         from CMBDetectLib.volume import Volume

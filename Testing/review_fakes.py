@@ -10,6 +10,7 @@ exactly as with the networks, in milliseconds.
 from __future__ import annotations
 
 import numpy as np
+
 from CMBDetectLib.pipeline import CandidateRecord, DetectionParameters, DetectionResult
 from CMBDetectLib.volume import Volume
 

@@ -82,6 +82,7 @@ def test_phantom_cmbs_get_the_right_region(atlas, centres, modality):
 
 def test_point_just_outside_the_brain_takes_nearest_region_or_unknown(atlas):
     import SimpleITK as sitk
+
     from CMBDetectLib.anatomy.registration import RegistrationResult
 
     identity = RegistrationResult(sitk.AffineTransform(3), 1.0, 1.0, atlas, 0.0)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+
 from CMBDetectLib.anatomy.regions import RegionInfo
 from CMBDetectLib.anatomy.summary import equivalent_diameter_mm, summarise, summary_csv_text
 

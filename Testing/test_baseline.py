@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
+
 from CMBDetectLib.baseline import detect_baseline
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.evaluate import evaluate

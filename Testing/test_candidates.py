@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 import pytest
-from CMBDetectLib.candidates import extract_candidates, extract_patches
 from scipy import ndimage
+
+from CMBDetectLib.candidates import extract_candidates, extract_patches
 
 
 def test_components_are_26_connected_and_described():

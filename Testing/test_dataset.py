@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
+from test_dataset_export import make_case
+
 from CMBDetectLib.dataset import (
     case_paths,
     dataset_fingerprint,
@@ -17,7 +19,6 @@ from CMBDetectLib.dataset import (
     validate_dataset,
 )
 from CMBDetectLib.dataset_export import export_case
-from test_dataset_export import make_case
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813
+
 from CMBDetectLib.dataset import case_paths, load_dataset, validate_dataset
 from CMBDetectLib.dataset_export import (
     STEP_DELAY_ENV,

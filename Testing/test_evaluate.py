@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.evaluate import evaluate, format_report, write_froc_png
 from CMBDetectLib.volume import Volume, write_volume_atomic

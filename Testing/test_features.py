@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.features import ScanFeatures, compute_features
 from CMBDetectLib.volume import Volume
-from scipy import ndimage
 
 
 def _phantom(shape=(24, 72, 64), spacing_zyx=(3.0, 0.8, 0.8), skull=True, qsm=False, direction=None):

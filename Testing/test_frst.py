@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from CMBDetectLib.frst import frst_3d
 from scipy import ndimage
+
+from CMBDetectLib.frst import frst_3d
 
 
 def _scene(spacing, shape, radius_mm=2.4, blob_value=0.1, background=0.6):

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_model
+
 from CMBDetectLib import model_registry as registry
 from CMBDetectLib.errors import ModelError
 from CMBDetectLib.model_package import ModelPackage, resolve_model, sha256_file
-from conftest import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,10 @@ import csv
 
 import numpy as np
 import pytest
+from review_fakes import FakeDetectionSession, default_parameters
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.volume import Volume
-from review_fakes import FakeDetectionSession, default_parameters
 
 pytestmark = pytest.mark.slicer
 slicer = pytest.importorskip("slicer")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from review_fakes import OBLIQUE
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.volume import Volume, read_volume, write_volume_atomic
-from review_fakes import OBLIQUE
 
 pytestmark = pytest.mark.slicer
 slicer = pytest.importorskip("slicer")

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from CMBDetectLib.pipeline import DetectionParameters, DetectionSession, replace_parameters
 from CMBDetectLib.review import ADDED_ID_BASE, Decision
 from CMBDetectLib.volume import image_stem, write_volume_atomic

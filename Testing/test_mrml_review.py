@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from review_fakes import FakeDetectionSession, add_slice_views, default_parameters, make_case
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.review import ADDED_ID_BASE, Decision
 from CMBDetectLib.volume import Volume
-from review_fakes import FakeDetectionSession, add_slice_views, default_parameters, make_case
 
 pytestmark = pytest.mark.slicer
 slicer = pytest.importorskip("slicer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from CMBDetectLib.candidates import extract_candidates
 from CMBDetectLib.postprocessing import (
     PostprocessingParameters,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
+from scipy import ndimage
+
 from CMBDetectLib.preprocessing import (
     ScanGrid,
     estimate_brain_mask,
@@ -13,7 +15,6 @@ from CMBDetectLib.preprocessing import (
     to_working_grid,
 )
 from CMBDetectLib.volume import Volume
-from scipy import ndimage
 
 
 def _rotation(axis: np.ndarray, degrees: float) -> np.ndarray:

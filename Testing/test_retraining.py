@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_phantom, make_tiny_model
+
 from CMBDetectLib import model_registry
 from CMBDetectLib.dataset import load_dataset, validate_dataset
 from CMBDetectLib.dataset_export import export_case, export_review_session
@@ -18,7 +20,6 @@ from CMBDetectLib.model_package import ModelPackage
 from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
 from CMBDetectLib.retraining import RetrainConfig, retrain, work_root
 from CMBDetectLib.volume import Volume
-from conftest import make_phantom, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SPACING = (0.9, 0.9, 2.0)
@@ -117,6 +118,7 @@ def make_dataset(root: Path, parent: ModelPackage, scene) -> dict:
 def test_a_review_saved_by_slicer_exports_like_the_scene(slicer_scene, tmp_path, models):
     """The .seg.nrrd Slicer writes (one layer per segment, cropped extent) gives the same dataset case."""
     import SimpleITK as sitk  # noqa: N813
+
     from CMBDetectLib.dataset import case_paths
     from CMBDetectLib.dataset_export import export_saved_review
     from CMBDetectLib.volume import write_volume_atomic

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.review import (
     ADDED_ID_BASE,

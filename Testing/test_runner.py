@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from CMBDetectLib import runner as runner_module
 from CMBDetectLib.runner import CANCELLED, FAILED, FINISHED, ProcessRunner, detect_command, engine_environment
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from CMBDetectLib.sample_data import file_sha256, get_sample, sample_stem, verify_cached
 from CMBDetectLib.synth.generator import SynthConfig
 from CMBDetectLib.volume import read_volume

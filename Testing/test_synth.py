@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from CMBDetectLib.synth import CMBSpec, SynthConfig, generate_case
 from CMBDetectLib.synth.anatomy import REGION_CODES, REGION_GROUPS, build_anatomy
 from CMBDetectLib.synth.dataset_writer import write_case
 from CMBDetectLib.synth.insert import insert_cmbs
 from CMBDetectLib.synth.signal import field_from_chi, sphere_field_ppm
 from CMBDetectLib.volume import Volume, read_volume, write_volume_atomic
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -282,3 +282,31 @@ def test_mined_candidates_are_labelled_by_overlap(cases: list) -> None:
             voxel = tuple(np.round(item.centre).astype(int))
             assert case.instances[voxel] in item.cmbs
     assert candidate_summary([result])["tpr"] == 1.0
+
+
+def test_train_init_without_out_registers_a_new_version(tmp_path, tiny_model):
+    """`cmbdetect train --init MODEL --dataset DIR` = fine-tune, before/after metrics, next version."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tiny_dataset import write_dataset
+
+    dataset = write_dataset(tmp_path / "dataset", n_cases=4, seed=3)
+    user_models = tmp_path / "user_models"
+    env = {**os.environ, "CMBDETECT_USER_MODELS": str(user_models), "CMBDETECT_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "CMBDetectLib", "train", "--init", str(tiny_model.path), "--dataset", str(dataset),
+         "--stage1-steps", "1", "--student-steps", "1", "--device", "cpu", "--progress", "json"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    registered = [p for p in user_models.iterdir() if (p / "model.json").is_file()]
+    assert len(registered) == 1
+    manifest = json.loads((registered[0] / "model.json").read_text())
+    assert manifest["version"] != tiny_model.version and manifest["name"] == tiny_model.name
+    assert json.dumps(manifest).count(tiny_model.sha256) >= 1, "parent provenance missing"
+    assert final, "the json progress must end with a result line"
+    assert (tiny_model.path / "model.json").is_file(), "the parent package must stay untouched"

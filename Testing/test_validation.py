@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.validation import normalise_modality, validate_image, validate_mask
 from CMBDetectLib.volume import Volume

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from CMBDetectLib.vessel_suppression import (
     inpaint_mean_of_neighbours,
     suppress_vessels,
     symmetric_eigenvalues,
 )
-from scipy import ndimage
 
 BACKGROUND, BRIGHT = 0.35, 0.9
 

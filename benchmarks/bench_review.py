@@ -37,10 +37,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args(argv)
 
-    from CMBDetectLib.mrml import geometry
-    from CMBDetectLib.mrml.review_session import ReviewSession
     from render_screenshot import headless_scene
     from review_fakes import FakeDetectionSession, add_slice_views, default_parameters, make_case
+
+    from CMBDetectLib.mrml import geometry
+    from CMBDetectLib.mrml.review_session import ReviewSession
 
     volume, spec, missed = make_case(shape=tuple(args.shape), n_candidates=args.candidates,
                                      spacing=(0.9, 0.9, 1.5), missed=1)

@@ -165,10 +165,11 @@ def main() -> int:
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_froc_png(learned, docs / "froc.png")
-    curves = {"learned (p_disc after post-processing)": learned.froc_curves().get("discrimination + post-processing (th_disc)", [])}
+    final_curve = "discrimination + post-processing (th_disc)"
+    curves = {"learned (p_disc after post-processing)": learned.froc_curves().get(final_curve, [])}
     if ablation is not None:
-        curves["student without KD"] = ablation.froc_curves().get("discrimination + post-processing (th_disc)", [])
-    curves["baseline (FRST threshold)"] = baseline.froc_curves().get("discrimination + post-processing (th_disc)", [])
+        curves["student without KD"] = ablation.froc_curves().get(final_curve, [])
+    curves["baseline (FRST threshold)"] = baseline.froc_curves().get(final_curve, [])
     plot_froc({k: v for k, v in curves.items() if v}, docs / "froc_comparison.png",
               title="FROC on the held-out synthetic test set")
 

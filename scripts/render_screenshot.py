@@ -80,12 +80,13 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from review_fakes import add_slice_views
+
     from CMBDetectLib.mrml import geometry, rendering
     from CMBDetectLib.mrml.review_session import ReviewSession
     from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
     from CMBDetectLib.sample_data import SAMPLE_SEED, sample_config
     from CMBDetectLib.synth.generator import generate_case
-    from review_fakes import add_slice_views
 
     seed = SAMPLE_SEED if args.seed is None else args.seed
     case = generate_case(seed, "swi", n_cmbs=10, config=sample_config())

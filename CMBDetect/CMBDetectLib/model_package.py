@@ -108,7 +108,7 @@ class ModelPackage:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def load(cls, name_or_dir: str | os.PathLike = DEFAULT_MODEL) -> "ModelPackage":
+    def load(cls, name_or_dir: str | os.PathLike = DEFAULT_MODEL) -> ModelPackage:
         path = resolve_model(name_or_dir)
         manifest_path = path / "model.json"
         try:
@@ -121,7 +121,7 @@ class ModelPackage:
         for role in REQUIRED_ROLES:
             if role not in networks:
                 raise ModelError(f"model {path} has no '{role}' network")
-        for role, spec in networks.items():
+        for spec in networks.values():
             weight_file = path / spec["file"]
             if not weight_file.is_file():
                 raise ModelError(f"model {path} is incomplete: {spec['file']} is missing")
@@ -153,7 +153,7 @@ class ModelPackage:
     def save(cls, out_dir: str | os.PathLike, *, name: str, version: str, networks: dict[str, NetworkSpec],
              preprocessing: dict, thresholds: dict, postprocessing: dict, training: dict | None = None,
              metrics: dict | None = None, description: str = "", modalities: tuple = ("swi", "t2s", "qsm"),
-             ) -> "ModelPackage":
+             ) -> ModelPackage:
         """Write a new package folder atomically; an existing folder is never overwritten."""
         import torch
 

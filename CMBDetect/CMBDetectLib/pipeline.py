@@ -36,7 +36,7 @@ class DetectionParameters:
     min_edge_distance_mm: float = PostprocessingParameters.min_edge_distance_mm
 
     @classmethod
-    def for_model(cls, model: ModelPackage | None, **overrides: Any) -> "DetectionParameters":
+    def for_model(cls, model: ModelPackage | None, **overrides: Any) -> DetectionParameters:
         """The model's recommended defaults, then ``overrides`` (``None`` values are ignored)."""
         values: dict[str, Any] = {}
         if model is not None:
@@ -47,7 +47,7 @@ class DetectionParameters:
         return cls.from_dict(values)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DetectionParameters":
+    def from_dict(cls, values: dict) -> DetectionParameters:
         known = {f.name for f in fields(cls)}
         params = cls(**{k: float(v) for k, v in values.items() if k in known})
         params.validate()
@@ -359,7 +359,7 @@ class DetectionSession:
         return save_session(self, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path, model: ModelPackage | None = None) -> "DetectionSession":
+    def load(cls, path: str | Path, model: ModelPackage | None = None) -> DetectionSession:
         from CMBDetectLib.session_cache import load_session
 
         return load_session(cls, Path(path), model)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 SCHEMA = "cmbdetect.session/1"
 
 
-def save_session(session: "DetectionSession", path: Path) -> Path:
+def save_session(session: DetectionSession, path: Path) -> Path:
     features = session.features
     meta = {
         "schema": SCHEMA,
@@ -63,7 +63,7 @@ def save_session(session: "DetectionSession", path: Path) -> Path:
     return path
 
 
-def load_session(cls: type, path: Path, model: "ModelPackage | None") -> "DetectionSession":
+def load_session(cls: type, path: Path, model: ModelPackage | None) -> DetectionSession:
     from CMBDetectLib.postprocessing import edge_distance_mm
     from CMBDetectLib.preprocessing import ScanGrid
     from CMBDetectLib.volume import Volume

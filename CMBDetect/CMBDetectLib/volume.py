@@ -38,13 +38,13 @@ class Volume:
     def shape_ijk(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.array.shape[::-1])  # type: ignore[return-value]
 
-    def with_array(self, array: np.ndarray) -> "Volume":
+    def with_array(self, array: np.ndarray) -> Volume:
         """Same grid, new voxels."""
         if array.shape != self.array.shape:
             raise ValueError(f"shape {array.shape} does not match the grid {self.array.shape}")
         return Volume(array, self.spacing, self.origin, self.direction)
 
-    def same_grid(self, other: "Volume", tolerance: float = 1e-4) -> bool:
+    def same_grid(self, other: Volume, tolerance: float = 1e-4) -> bool:
         return (self.array.shape == other.array.shape
                 and np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=tolerance)
                 and np.allclose(self.origin, other.origin, rtol=tolerance, atol=tolerance)

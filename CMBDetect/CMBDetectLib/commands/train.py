@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset folder(s) in the exported layout (imagesTr, labelsTr, cmbdetect/...)")
     parser.add_argument("--out", metavar="DIR",
                         help="new model folder (default: <user models folder>/<name>-<version>)")
-    parser.add_argument("--init", metavar="MODEL", help="fine-tune this model package (name or folder)")
+    parser.add_argument("--init", metavar="MODEL",
+                        help="fine-tune this model package (name or folder); without --out the result is "
+                             "evaluated before/after on a validation split and registered as the next "
+                             "version in the user model folder (the parent is never overwritten)")
+    parser.add_argument("--validation-fraction", type=float, default=0.2,
+                        help="with --init: share of subjects kept for the before/after metrics")
     parser.add_argument("--config", metavar="JSON", help="training options file (TrainingConfig keys)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
@@ -91,6 +96,27 @@ class _CancelOnSigterm:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.init and not args.out:
+        return _fine_tune_and_register(args)
+    return _train(args)
+
+
+def _fine_tune_and_register(args: argparse.Namespace) -> int:
+    """``--init`` without ``--out``: the annotators' retraining (same code path as the Slicer panel)."""
+    from CMBDetectLib.retraining import run_retrain_command
+
+    training = build_config(args)
+    for key in ("name", "version"):  # the registry names the new version after its parent
+        training.pop(key, None)
+    retrain_args = argparse.Namespace(
+        init=args.init, dataset=list(args.dataset), validation_fraction=args.validation_fraction,
+        seed=args.seed, device=args.device or "auto", config=json.dumps(training) if training else None,
+        pseudo_labels=None, pseudo_label_threshold=0.9, time_budget=None, no_evaluate=False,
+        progress=args.progress)
+    return run_retrain_command(retrain_args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from CMBDetectLib.model_package import user_models_dir
     from CMBDetectLib.training import TrainingConfig, train_model
 
