@@ -694,6 +694,7 @@ class CMBDetectTrainingTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+
         from CMBDetectLib.volume import Volume, write_volume_atomic
 
         self.delayDisplay("Exporting a synthetic reviewed case")

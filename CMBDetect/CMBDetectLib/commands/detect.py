@@ -106,7 +106,8 @@ def _write_outputs(out_dir: Path, image_path: str, volume, modality: str, result
                                      image_spacing=volume.spacing)
         record["device"] = session.device_used
         if save_prob:
-            outputs["probability"] = write_volume_atomic(session.probability_on_input(), out_dir / f"{stem}_prob.nii.gz")
+            probability = session.probability_on_input()
+            outputs["probability"] = write_volume_atomic(probability, out_dir / f"{stem}_prob.nii.gz")
             outputs["session"] = session.save(out_dir / f"{stem}_session.npz")
         record["outputs"] = {k: str(v) for k, v in outputs.items()}
         outputs["candidates"] = atomic_write_text(out_dir / f"{stem}_candidates.json",
