@@ -35,7 +35,6 @@ from slicer.util import VTKObservationMixin
 MODALITIES = ("swi", "t2s", "qsm")          # order of modalityComboBox items
 DEVICES = ("auto", "cuda", "cpu")           # order of deviceComboBox items (auto / GPU / CPU)
 SETTINGS_DEVICE = "CMBDetect/Device"
-SETTINGS_MODEL = "CMBDetect/Model"
 SETTINGS_REVIEW_DIR = "CMBDetect/ReviewDirectory"
 ENGINE_REQUIREMENTS = ("monai>=1.3", "scikit-image>=0.21")   # torch comes from the PyTorch extension
 
@@ -213,7 +212,8 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.clear()
         for label, value in self.logic.availableModels():
             self.ui.modelComboBox.addItem(label, value)
-        preferred = str(qt.QSettings().value(SETTINGS_MODEL, ""))
+        # The registry (shared with CMBDetectTraining and `cmbdetect models select`) knows the chosen version.
+        preferred = self.logic.selectedModelPath()
         index = self.ui.modelComboBox.findData(preferred) if preferred else -1
         self.ui.modelComboBox.setCurrentIndex(max(index, 0))
         self.ui.modelComboBox.blockSignals(False)
@@ -391,7 +391,15 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateCpuNote()
 
     def onModelChanged(self, index: int) -> None:
-        qt.QSettings().setValue(SETTINGS_MODEL, self.ui.modelComboBox.itemData(index) or "")
+        path = self.ui.modelComboBox.itemData(index)
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("This model version cannot be used."), waitCursor=True):
+            try:
+                self.logic.selectModel(path)
+            except Exception:
+                self.populateModels()  # back to the version that is still selected
+                raise
 
     # ------------------------------------------------------------------ detection
     def onDetectButton(self) -> None:
@@ -683,14 +691,33 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         return guess_modality(name, array)[0]
 
     def availableModels(self) -> list:
-        """(label, value) of bundled then user model packages; value is the package folder."""
-        from CMBDetectLib.model_package import bundled_models_dir, list_model_dirs
+        """(label, value) of bundled then user model versions (from the registry); value is the folder."""
+        from CMBDetectLib.model_registry import list_versions
 
         models = []
-        for path in list_model_dirs():
-            where = _("bundled") if Path(path).parent == bundled_models_dir() else _("user")
-            models.append((f"{Path(path).name} ({where})", str(path)))
+        for version in list_versions():
+            where = _("bundled") if version.source == "bundled" else _("user")
+            label = f"{version.name}-{version.version} ({where})"
+            if version.problem:
+                label += " - " + _("unusable: {problem}").format(problem=version.problem)
+            models.append((label, str(version.path)))
         return models
+
+    def selectedModelPath(self) -> str:
+        """Folder of the model version in use (the registry's selection, else the bundled default)."""
+        from CMBDetectLib.errors import ModelError
+        from CMBDetectLib.model_registry import active_model_path
+
+        try:
+            return str(active_model_path()[0])
+        except ModelError:
+            return ""
+
+    def selectModel(self, path: str) -> None:
+        """Use this model version from now on (its checksums are verified; a corrupted one is refused)."""
+        from CMBDetectLib.model_registry import select_model
+
+        select_model(path)
 
     def ensureDependencies(self) -> None:
         """Install what the engine needs, only when the user asks for a detection (never at import)."""

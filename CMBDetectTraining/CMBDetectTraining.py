@@ -34,7 +34,6 @@ POLL_INTERVAL_MS = 250
 # QSettings keys of the CMBDetect module (its device and model preferences), shared so that "Use this
 # version" here is what CMBDetect's model selector shows.
 SETTINGS_DEVICE = "CMBDetect/Device"
-SETTINGS_MODEL = "CMBDetect/Model"
 
 
 def engineDirectory() -> str:
@@ -623,7 +622,6 @@ class CMBDetectTrainingLogic(ScriptedLoadableModuleLogic):
         from CMBDetectLib.model_registry import select_model
 
         package = select_model(path)
-        qt.QSettings().setValue(SETTINGS_MODEL, str(package.path))
         CMBDetectTrainingLogic._refreshDetectionModule()
         return package
 
@@ -632,7 +630,6 @@ class CMBDetectTrainingLogic(ScriptedLoadableModuleLogic):
         from CMBDetectLib.model_registry import clear_selection
 
         clear_selection()
-        qt.QSettings().setValue(SETTINGS_MODEL, "")
         CMBDetectTrainingLogic._refreshDetectionModule()
 
     @staticmethod
