@@ -41,7 +41,7 @@ CONFIG = {
     # Step budgets (not time budgets) so that a rerun trains the same number of steps on any machine; the
     # minute limits are only a safety net. The lr decays x0.1 every 2 epochs (paper), so an epoch must be
     # long enough to learn something at each rate.
-    "stage1": {"epochs": 6, "steps_per_epoch": 100, "max_minutes": 45.0, "patience": 3},
+    "stage1": {"epochs": 8, "steps_per_epoch": 150, "max_minutes": 45.0, "patience": 3},
     "teacher": {"epochs": 6, "steps_per_epoch": 60, "max_minutes": 20.0, "patience": 3},
     "student": {"epochs": 6, "steps_per_epoch": 80, "max_minutes": 20.0, "patience": 3},
 }
