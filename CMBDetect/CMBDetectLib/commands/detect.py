@@ -28,12 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--th-det", type=float, default=None, metavar="F", help="stage-1 threshold Th_Cdet")
     parser.add_argument("--th-disc", type=float, default=None, metavar="F", help="student threshold Th_Cdisc")
-    parser.add_argument("--min-volume-mm3", type=float, default=None)
-    parser.add_argument("--max-ellipticity", type=float, default=None)
-    parser.add_argument("--min-edge-distance-mm", type=float, default=None)
+    parser.add_argument("--min-volume-mm3", type=float, default=None, metavar="MM3",
+                        help="post-processing: drop smaller candidates (default: the model's)")
+    parser.add_argument("--max-ellipticity", type=float, default=None, metavar="E",
+                        help="post-processing: drop more elongated candidates, 0 = round .. 1 = line")
+    parser.add_argument("--min-edge-distance-mm", type=float, default=None, metavar="MM",
+                        help="post-processing: drop candidates closer to the brain edge")
     parser.add_argument("--save-prob", action="store_true",
                         help="also write <stem>_prob.nii.gz and <stem>_session.npz (review without re-running)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="stage-1 windows per batch (GPU memory)")
     parser.add_argument("--progress", choices=["json", "text", "none"], default="text",
                         help="progress lines: json = one JSON object per line on stdout (for Slicer)")
 
