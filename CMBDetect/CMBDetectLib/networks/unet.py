@@ -9,7 +9,6 @@ from torch import nn
 
 from CMBDetectLib.networks.blocks import ShallowEncoder, UpBlock
 
-
 CMB_PRIOR = 0.01  # initial CMB probability of every voxel (see ShallowUNet.__init__)
 
 
