@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from CMBDetectLib import __version__
 from CMBDetectLib.errors import CancelledError, InputError
+from CMBDetectLib.model_package import sha256_file
 from CMBDetectLib.progress import ProgressCallback, no_progress
 
 CACHE_FORMAT = 1
@@ -94,14 +95,6 @@ class TrainingCase:
 def default_cache_dir() -> Path:
     override = os.environ.get("CMBDETECT_CACHE")
     return Path(override) if override else Path.home() / ".cache" / "cmbdetect"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def feature_cache_key(image_sha256: str, modality: str, preprocessing: dict) -> str:
