@@ -122,3 +122,18 @@ def test_build_network_refuses_unknown_names_and_options() -> None:
         build_network("os.system", {})
     with pytest.raises(ModelError, match="invalid configuration"):
         build_network("ShallowUNet", {"depth": 5})
+
+
+def test_stage1_starts_at_the_cmb_prior():
+    """An untrained stage 1 predicts a small CMB probability everywhere (prior-initialised head), so
+    training learns shapes instead of spending its first hundreds of steps lowering the background."""
+    import torch
+
+    from CMBDetectLib.networks import build_network
+    from CMBDetectLib.networks.unet import CMB_PRIOR
+
+    torch.manual_seed(0)
+    net = build_network("ShallowUNet", {"width": 4}).eval()
+    with torch.no_grad():
+        probability = torch.softmax(net(torch.rand(1, 2, 24, 24, 24)), dim=1)[:, 1]
+    assert float(probability.mean()) < 5 * CMB_PRIOR

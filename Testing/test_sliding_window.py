@@ -50,6 +50,7 @@ def _varying_unet() -> ShallowUNet:
     network = ShallowUNet(width=4).eval()
     with torch.no_grad():
         network.head.weight.mul_(50.0)  # an untrained network is nearly constant; make it vary
+        network.head.bias.zero_()  # around p = 0.5, not at the CMB prior where softmax saturates
     return network
 
 

@@ -127,7 +127,8 @@ def test_stage1_training_lowers_the_loss(cases: list) -> None:
     torch.manual_seed(0)
     before = evaluate(ShallowUNet(width=4))
     after = evaluate(_run_stage1(cases, seed=0, config=config))
-    assert after < 0.88 * before  # measured: ~0.81
+    # measured: ~0.96 since the head starts at the CMB prior (the untrained loss is already lower)
+    assert after < 0.98 * before
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from CMBDetectLib.networks.blocks import ShallowEncoder, UpBlock
+
+CMB_PRIOR = 0.01  # initial CMB probability of every voxel (see ShallowUNet.__init__)
 
 
 class ShallowUNet(nn.Module):
@@ -24,6 +28,12 @@ class ShallowUNet(nn.Module):
         self.up2 = UpBlock(4 * width, 2 * width, 2 * width)
         self.up1 = UpBlock(2 * width, width, width)
         self.head = nn.Conv3d(width, n_classes, kernel_size=1)
+        # Start from the class prior (CMB voxels are ~0.01-0.1 % of a patch): with an unbiased head every
+        # voxel starts at p = 0.5 and hundreds of steps go into pushing the background down before any
+        # spatial pattern is learned - long enough for the paper's fast lr decay to freeze training.
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[1:] = math.log(CMB_PRIOR / (1.0 - CMB_PRIOR))
 
     def decode(self, features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Voxel-wise logits from the encoder's three levels (the teacher's segmentor T_s)."""
