@@ -39,10 +39,13 @@ def make_tiny_model(out_dir: Path, seed: int = 0, version: str = "0.0.1"):
         "teacher": NetworkSpec(build_network("TeacherNet", teacher_config), "TeacherNet", teacher_config, 24),
         "student": NetworkSpec(build_network("StudentNet", student_config), "StudentNet", student_config, 24),
     }
-    # Random weights around p = 0.5 (not the CMB prior), so plumbing tests get candidates to work with.
+    # Random heads around p = 0.5 (not the CMB prior the real networks start from), with weights scaled up
+    # because an untrained network is nearly constant: plumbing tests need a varied probability map (the
+    # map is stored as float16, so a near-constant map collapses into a single level) and candidates.
     with torch.no_grad():
-        networks["stage1"].module.head.bias.zero_()
-        networks["teacher"].module.unet.head.bias.zero_()
+        for head in (networks["stage1"].module.head, networks["teacher"].module.unet.head):
+            head.bias.zero_()
+            head.weight.mul_(50.0)
     return ModelPackage.save(
         out_dir, name="tiny-test", version=version, networks=networks,
         preprocessing={"working_spacing_mm": 0.8, "vessel_suppression": True, "overlap": 0.25,

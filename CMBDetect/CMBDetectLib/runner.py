@@ -255,9 +255,9 @@ def detect_command(python: str, image: str | os.PathLike, out_dir: str | os.Path
     if model:
         command += ["--model", str(model)]
     if th_det is not None:
-        command += ["--th-det", f"{float(th_det):g}"]
+        command += ["--th-det", repr(float(th_det))]  # repr: exact round trip
     if th_disc is not None:
-        command += ["--th-disc", f"{float(th_disc):g}"]
+        command += ["--th-disc", repr(float(th_disc))]
     if save_prob:
         command.append("--save-prob")
     return command
