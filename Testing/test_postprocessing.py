@@ -124,14 +124,36 @@ def test_ellipticity_is_spacing_aware_on_thick_slices():
         for offset in (0.0, 1.5):                              # centred on a slice, or between two
             round_blob = ball(shape, (12.0 + offset, 12.0, 12.0), radius, thick)
             assert ellipticity(round_blob, thick) < 0.2, (radius, offset)
-    # A blob that is round in voxels spans 15 mm through-plane but 4 mm in-plane: a tube in millimetres.
+    # In-plane millimetres count, not voxels: round in voxels, 2:1 in mm when i is sampled twice as coarsely.
     voxel_round = ball((13, 13, 13), (6, 6, 6), 2.5, (1, 1, 1))
     assert ellipticity(voxel_round, (1, 1, 1)) < 0.05
-    assert ellipticity(voxel_round, thick) > 0.5
-    # A vessel crossing many thick slices is still caught.
-    vessel = np.zeros((12, 5, 5), bool)
-    vessel[1:11, 2, 2] = True
+    assert ellipticity(voxel_round, (0.8, 0.8, 1.6)) > 0.4
+    # A vessel lying in the plane is caught on thick slices too.
+    vessel = np.zeros((3, 5, 25), bool)
+    vessel[1, 2, 2:22] = True
     assert ellipticity(vessel, thick) > 0.9
+
+
+def test_ellipticity_ignores_the_blooming_along_b0():
+    """A CMB blooms along B0 (k, S-I): stretched 3x along k it is still round; a rod in the plane is not."""
+    bloom = ball((41, 21, 21), (16, 8, 8), 2.5, ISO, stretch=(3.0, 1.0, 1.0))
+    assert ellipticity(bloom, ISO) < 0.05
+    on_thick_slices = ball((15, 31, 31), (21, 12, 12), 2.5, (3.0, 0.8, 0.8), stretch=(3.0, 1.0, 1.0))
+    assert ellipticity(on_thick_slices, (3.0, 0.8, 0.8)) < 0.2
+    # The price (documented): a vessel running along B0 is a dot in every slice, left to the discriminator.
+    along_b0 = np.zeros((20, 5, 5), bool)
+    along_b0[2:18, 2, 2] = True
+    assert ellipticity(along_b0, ISO) < 0.05
+
+
+def test_a_coarse_in_plane_axis_is_judged_like_thick_slices():
+    """Coronal thick slices (j coarse): a small blob crossing <= 3 of them is judged along i only."""
+    coronal = (0.8, 3.0, 0.8)
+    blob = ball((31, 9, 31), (12.0, 12.0, 12.0), 2.5, coronal)
+    assert ellipticity(blob, coronal) < 0.2
+    rod = np.zeros((5, 12, 5), bool)
+    rod[2, 1:11, 2] = True                                     # 30 mm along the coarse axis: still a rod
+    assert ellipticity(rod, coronal) > 0.9
 
 
 def test_vectorised_ellipticities_match_single_component_ones():
