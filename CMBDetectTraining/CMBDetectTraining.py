@@ -4,7 +4,9 @@ Every accepted, rejected and added CMB reviewed in the CMBDetect module can make
 this module exports reviewed cases (from the scene or from saved reviews) into a dataset, shows the
 dataset and its deterministic train / validation split by subject, fine-tunes the selected model in a
 background process (progress, Cancel, before/after metrics side by side), and registers the result as a
-new model version that CMBDetect can use, without ever overwriting the model that works today.
+new model version that CMBDetect can use, without ever overwriting the model that works today. A new model
+that is worse than the one it started from on the validation subjects is not registered unless the user
+ticks "Register even if worse" (the rule is in ``CMBDetectLib.model_comparison``).
 
 The engine (``CMBDetectLib``) is shared with the CMBDetect module; see :func:`engineDirectory` for how it
 is found.
@@ -14,6 +16,7 @@ import logging
 import os
 import pathlib
 import sys
+import time
 from typing import Annotated, Optional
 
 import qt
@@ -79,7 +82,8 @@ class CMBDetectTraining(ScriptedLoadableModule):
 Export cases reviewed in the CMBDetect module into a training dataset (accepted and added CMBs become
 labels, rejected candidates hard negatives), inspect the dataset and its train/validation split by subject,
 fine-tune the current model on it in the background, compare before/after metrics on the validation
-subjects, and switch between model versions. A new version never replaces an existing one.
+subjects, and switch between model versions. A new version never replaces an existing one, and a new
+version that is worse than the model it started from is not registered unless you ask for it.
 """)
         self.parent.acknowledgementText = _("""
 Method: Sundaresan et al., cerebral microbleed detection with a two-stage network and knowledge
@@ -105,6 +109,7 @@ class CMBDetectTrainingParameterNode:
     pseudoLabels: bool = False
     unreviewedDirectory: pathlib.Path
     pseudoLabelThreshold: Annotated[float, WithinRange(0.5, 1.0)] = 0.9
+    registerWorse: bool = False
 
 
 def _pathOrNone(path) -> Optional[str]:
@@ -126,6 +131,7 @@ class CMBDetectTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._runner = None
+        self._notBetter = None   # the "not_better" event of the running retraining, if it sent one
         self._timer = None
         self._modelPaths = []
 
@@ -330,7 +336,9 @@ class CMBDetectTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._runner = self.logic.startRetraining(
                 self._modelPaths[row], datasetDir, validationFraction=self.ui.validationFractionSlider.value,
                 timeBudgetMinutes=self.ui.timeBudgetSlider.value, pseudoLabelImages=unreviewed,
-                pseudoLabelThreshold=self.ui.pseudoThresholdSlider.value)
+                pseudoLabelThreshold=self.ui.pseudoThresholdSlider.value,
+                registerWorse=self.ui.registerWorseCheckBox.checked)
+            self._notBetter = None
             self._setRunning(True)
             self.ui.metricsTableWidget.setRowCount(0)
             self.ui.statusLabel.text = _("Starting...")
@@ -350,6 +358,8 @@ class CMBDetectTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for event in runner.poll():
             if event.type == "log" and event.message:
                 logging.info(event.message)
+            elif event.type == "not_better":
+                self._notBetter = event.data
         self.ui.progressBar.value = int(round(runner.fraction * 1000))
         if runner.message:
             self.ui.statusLabel.text = runner.message
@@ -362,8 +372,10 @@ class CMBDetectTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if runner.state == FINISHED:
             result = runner.result or {}
             model = result.get("model", {})
-            self.ui.statusLabel.text = _("New version {name}-{version} registered.").format(
+            status = _("New version {name}-{version} registered.").format(
                 name=model.get("name", "?"), version=model.get("version", "?"))
+            comparison = self.logic.describeComparison(result)
+            self.ui.statusLabel.text = f"{status}\n{comparison}" if comparison else status
             self.showMetrics(result.get("metrics_before"), result.get("metrics_after"))
             self.updateModelsView()
             for warning in result.get("warnings", []):
@@ -371,6 +383,12 @@ class CMBDetectTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         elif runner.state == CANCELLED:
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = _("Cancelled: no model version was registered.")
+        elif self._notBetter is not None:
+            # Not a failure: the guard kept the current model. Show the numbers and how to keep it anyway.
+            message = self.logic.notRegisteredMessage(self._notBetter)
+            self.ui.statusLabel.text = message
+            self.showMetrics(*self.logic.comparedMetrics(self._notBetter))
+            slicer.util.warningDisplay(message, windowTitle=_("CMBDetect retraining"))
         else:
             self.ui.statusLabel.text = _("Retraining failed: {error}").format(error=runner.error_message)
             slicer.util.errorDisplay(_("Retraining failed: {error}").format(error=runner.error_message),
@@ -554,8 +572,13 @@ class CMBDetectTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def retrainingCommand(initModel: str, datasetDir: str, validationFraction: float = 0.2,
                           timeBudgetMinutes: float = 30.0, pseudoLabelImages=(),
-                          pseudoLabelThreshold: float = 0.9, device: Optional[str] = None) -> list:
-        """``PythonSlicer -m CMBDetectLib.retraining ...`` with JSON progress lines."""
+                          pseudoLabelThreshold: float = 0.9, device: Optional[str] = None,
+                          registerWorse: bool = False) -> list:
+        """``PythonSlicer -m CMBDetectLib.retraining ...`` with JSON progress lines.
+
+        ``registerWorse``: register the new version even if it is worse than ``initModel`` on the validation
+        subjects (``--register-worse``; off by default, see ``CMBDetectLib.model_comparison``).
+        """
         device = device or str(qt.QSettings().value(SETTINGS_DEVICE, "auto") or "auto")
         command = [CMBDetectTrainingLogic.pythonExecutable(), "-m", "CMBDetectLib.retraining",
                    "--init", str(initModel), "--dataset", str(datasetDir),
@@ -564,6 +587,8 @@ class CMBDetectTrainingLogic(ScriptedLoadableModuleLogic):
         if pseudoLabelImages:
             command += ["--pseudo-labels", *[str(p) for p in pseudoLabelImages],
                         "--pseudo-label-threshold", f"{float(pseudoLabelThreshold):g}"]
+        if registerWorse:
+            command.append("--register-worse")
         return command
 
     @staticmethod
@@ -580,14 +605,57 @@ class CMBDetectTrainingLogic(ScriptedLoadableModuleLogic):
         return ProcessRunner(command, env=engine_environment(engineDirectory())).start()
 
     def retrain(self, initModel: str, datasetDir: str, **options) -> dict:
-        """Blocking variant for scripts: runs the same background process and waits (returns its result)."""
+        """Blocking variant for scripts: runs the same background process and waits (returns its result).
+
+        Raises ``CMBDetectLib.errors.NotBetterError`` when the new model was worse than ``initModel`` and
+        therefore not registered (``registerWorse=True`` registers it anyway), ``RuntimeError`` otherwise.
+        """
+        from CMBDetectLib.errors import NotBetterError
         from CMBDetectLib.runner import FINISHED
 
         runner = self.startRetraining(initModel, datasetDir, **options)
-        runner.wait()
+        notBetter = None
+        while runner.is_running:
+            for event in runner.poll():
+                if event.type == "not_better":
+                    notBetter = event.data
+            time.sleep(0.1)
         if runner.state != FINISHED:
+            if notBetter is not None:
+                raise NotBetterError(self.notRegisteredMessage(notBetter))
             raise RuntimeError(runner.error_message or _("retraining failed"))
         return runner.result
+
+    @staticmethod
+    def describeComparison(result: Optional[dict]) -> str:
+        """``Compared with tiny-1.0.0: better, F1 0.62 -> 0.70 (...).``; "" when the result has none."""
+        comparison = (result or {}).get("comparison") or {}
+        verdict = comparison.get("verdict")
+        if not verdict:
+            return ""
+        parent = (result or {}).get("parent") or {}
+        label = f"{parent.get('name', '?')}-{parent.get('version', '?')}"
+        words = {"better": _("better"), "equal": _("as good (within tolerance)"),
+                 "worse": _("worse, registered because 'Register even if worse' was ticked"),
+                 "unknown": _("not compared")}
+        return _("Compared with {parent}: {verdict}, {reason}.").format(
+            parent=label, verdict=words.get(verdict, verdict), reason=comparison.get("reason", ""))
+
+    @staticmethod
+    def comparedMetrics(notBetter: dict) -> tuple:
+        """(before, after) metrics records for :meth:`metricsRows` from a ``not_better`` event."""
+        comparison = notBetter.get("comparison") or {}
+        return {"clusterwise": comparison.get("before") or {}}, {"clusterwise": comparison.get("after") or {}}
+
+    @staticmethod
+    def notRegisteredMessage(notBetter: dict) -> str:
+        """What the panel says when the retraining process reported ``{"type": "not_better", ...}``."""
+        comparison = notBetter.get("comparison") or {}
+        parent = notBetter.get("parent") or _("the current model")
+        return _("Not registered: the fine-tuned model is worse than {parent} on the {n} validation case(s): "
+                 "{reason}. Your model versions are unchanged. Tick 'Register even if worse than the current "
+                 "model' to keep it anyway.").format(parent=parent, n=len(notBetter.get("validation_cases") or []),
+                                              reason=comparison.get("reason", "?"))
 
     @staticmethod
     def metricsRows(before: Optional[dict], after: Optional[dict]) -> list:
@@ -727,4 +795,15 @@ class CMBDetectTrainingTest(ScriptedLoadableModuleTest):
         rows = logic.metricsRows({"clusterwise": {"tpr": 0.5, "fp_avg": 2.0, "precision": 0.25, "f1": 0.33}},
                                  {"clusterwise": {"tpr": 0.75, "fp_avg": 1.0, "precision": 0.6, "f1": 0.67}})
         self.assertEqual(rows[0][1:], ("0.500", "0.750"))
+        # better-or-equal guard: off unless asked for, explained on the status line
+        command = logic.retrainingCommand("tiny-1.0.0", datasetDir, device="cpu")
+        self.assertNotIn("--register-worse", command)
+        self.assertIn("--register-worse", logic.retrainingCommand("tiny-1.0.0", datasetDir, device="cpu",
+                                                                  registerWorse=True))
+        self.assertFalse(logic.getParameterNode().registerWorse)
+        comparison = {"verdict": "worse", "reason": "F1 0.70 -> 0.60 (TPR 0.80 -> 0.70, FPavg 1.00 -> 1.00)"}
+        self.assertIn("Not registered", logic.notRegisteredMessage(
+            {"parent": "tiny-1.0.0", "validation_cases": ["a"], "comparison": comparison}))
+        self.assertIn("F1 0.70 -> 0.60", logic.describeComparison(
+            {"parent": {"name": "tiny", "version": "1.0.0"}, "comparison": comparison}))
         self.delayDisplay("Test passed")

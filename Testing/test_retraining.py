@@ -1,5 +1,6 @@
 """End to end: a case reviewed in a (headless) Slicer scene -> export -> dataset validator -> short CPU
-fine-tune -> new version registered -> it loads and detects. A cancelled retrain registers nothing."""
+fine-tune -> new version registered -> it loads and detects. A cancelled retrain registers nothing, nor
+does one whose model is worse than its parent on the validation case (unless asked to)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from conftest import make_phantom, make_tiny_model
 from CMBDetectLib import model_registry
 from CMBDetectLib.dataset import load_dataset, validate_dataset
 from CMBDetectLib.dataset_export import export_case, export_review_session
-from CMBDetectLib.errors import CancelledError
+from CMBDetectLib.errors import CancelledError, NotBetterError
 from CMBDetectLib.model_package import ModelPackage
 from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
-from CMBDetectLib.retraining import RetrainConfig, retrain, work_root
+from CMBDetectLib.retraining import RetrainConfig, main, retrain, work_root
 from CMBDetectLib.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +161,10 @@ def test_review_export_finetune_register_and_detect(slicer_scene, tmp_path, mode
                      progress=lambda f, m: messages.append((f, m)))
     elapsed = time.perf_counter() - start
     print(f"review + export + fine-tune + before/after evaluation: {elapsed:.1f} s")
+    # The random parent finds nothing on the validation case and neither does its 2-step fine-tune: F1 0
+    # on both sides, same FPavg: "equal", so it is registered (better-or-equal).
+    print(f"compared with the parent: {result.comparison['verdict']} ({result.comparison['reason']})")
+    assert result.comparison["verdict"] in ("better", "equal")
 
     package = result.package
     assert (package.name, package.version) == ("tiny-test", "1.1.0")
@@ -173,6 +178,8 @@ def test_review_export_finetune_register_and_detect(slicer_scene, tmp_path, mode
     assert manifest["training"]["dataset"]["fingerprint"] == result.dataset_fingerprint
     assert manifest["training"]["dataset"]["validation_cases"] == result.validation_cases
     assert manifest["metrics"]["validation"]["after"] == result.metrics_after
+    assert manifest["training"]["comparison"] == result.comparison
+    assert manifest["training"]["retrain_config"]["register_worse"] is False
     # the trainer saw the training subjects only
     assert set(manifest["training"]["cases"]["train"]) | set(manifest["training"]["cases"]["validation"]) \
         == set(result.train_cases)
@@ -249,6 +256,109 @@ def test_cancel_from_the_panel_kills_the_process_and_registers_nothing(slicer_sc
     remove_stale_work_dirs()    # whatever SIGKILL left behind is swept by the next run
     assert not any(work_root().iterdir())
     assert [v.label for v in model_registry.list_versions()] == ["tiny-test-1.0.0"]
+
+
+def set_thresholds(package: ModelPackage, **thresholds: float) -> ModelPackage:
+    """The same networks with other recommended thresholds (model.json holds them, outside the checksums)."""
+    manifest = json.loads((package.path / "model.json").read_text())
+    manifest["thresholds"].update(thresholds)
+    (package.path / "model.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return ModelPackage.load(package.path)
+
+
+def test_a_model_worse_than_its_parent_is_not_registered(tmp_path, models, capfd):
+    """The guard on real components: a parent that is right on the validation case, a child that is not.
+
+    With ``th_disc = 0`` the random parent keeps its one candidate, a large blob that covers both CMBs of
+    the validation case (cluster-wise TPR = precision = F1 = 1). The fine-tune is given a fixed
+    ``th_disc`` of 0.95 (its two steps hardly move the student's ~0.4), so the child rejects that
+    candidate: F1 1 -> 0, "worse". Without ``register_worse`` nothing is registered; with it the version
+    is registered and its provenance says it was worse.
+    """
+    parent = set_thresholds(models, th_disc=0.0)
+    dataset = tmp_path / "dataset"
+    for n, subject in enumerate(("sub-01", "s2", "s3")):   # the split keeps s3 (phantom 2) for validation
+        image_n, truth_n, _ = phantom(n)
+        export_case(dataset, reviewed_elsewhere(f"sub-0{n + 1}", subject, truth_n), image_n, truth_n)
+    strict = {**TINY_TRAINING, "th_disc": 0.95}
+    user = tmp_path / "user"
+
+    with pytest.raises(NotBetterError) as raised:
+        retrain(parent.path, [dataset], RetrainConfig(validation_fraction=0.34, device="cpu", training=strict))
+    comparison = raised.value.comparison
+    assert comparison.verdict == "worse"
+    assert comparison.before["f1"] == 1.0 and comparison.after["f1"] == 0.0
+    assert raised.value.parent == "tiny-test-1.0.0" and raised.value.validation_cases == ["sub-03"]
+    message = str(raised.value)
+    assert message.startswith("the fine-tuned model is worse than tiny-test-1.0.0 on the 1 validation case(s)")
+    assert "not registered" in message and "--register-worse" in message and "F1 1.00 -> 0.00" in message
+    assert [p.name for p in user.iterdir() if not p.name.startswith(".")] == []
+    assert not any(work_root().iterdir())   # the work folder is removed as after any failed run
+    assert [v.label for v in model_registry.list_versions()] == ["tiny-test-1.0.0"]
+
+    # the same run through the command line, with --register-worse: registered, and it says it was worse
+    status = main(["--init", str(parent.path), "--dataset", str(dataset), "--validation-fraction", "0.34",
+                   "--device", "cpu", "--config", json.dumps(strict), "--register-worse", "--progress", "json"])
+    lines = [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
+    assert status == 0 and lines[-1]["type"] == "result"
+    assert lines[-1]["comparison"]["verdict"] == "worse"
+    package = ModelPackage.load(lines[-1]["model"]["path"])
+    assert (package.name, package.version) == ("tiny-test", "1.1.0") and package.path.parent == user
+    assert package.manifest["training"]["comparison"] == lines[-1]["comparison"]
+    assert package.manifest["training"]["retrain_config"]["register_worse"] is True
+    assert not any(work_root().iterdir())
+
+
+def test_the_panel_is_told_that_a_worse_model_was_not_registered(tmp_path, models):
+    """What CMBDetectTraining runs: exit status 1, one error line, and a ``not_better`` JSON line."""
+    from CMBDetectLib.runner import FAILED, ProcessRunner, engine_environment
+
+    parent = set_thresholds(models, th_disc=0.0)   # the set-up of the test above, in a background process
+    dataset = tmp_path / "dataset"
+    for n, subject in enumerate(("sub-01", "s2", "s3")):
+        image_n, truth_n, _ = phantom(n)
+        export_case(dataset, reviewed_elsewhere(f"sub-0{n + 1}", subject, truth_n), image_n, truth_n)
+    command = [sys.executable, "-m", "CMBDetectLib.retraining", "--init", str(parent.path),
+               "--dataset", str(dataset), "--validation-fraction", "0.34", "--device", "cpu",
+               "--config", json.dumps({**TINY_TRAINING, "th_disc": 0.95}), "--progress", "json"]
+    env = {**engine_environment(REPO / "CMBDetect"), "OMP_NUM_THREADS": "1"}   # two cores, shared
+    runner = ProcessRunner(command, env=env).start()
+    events = []
+    deadline = time.monotonic() + 240
+    while runner.is_running and time.monotonic() < deadline:
+        events += runner.poll()
+        time.sleep(0.05)
+    assert runner.state == FAILED and runner.returncode == 1, runner.stderr_tail
+    (event,) = [e for e in events if e.type == "not_better"]
+    assert event.data["parent"] == "tiny-test-1.0.0" and event.data["comparison"]["verdict"] == "worse"
+    assert runner.stderr_tail == [f"cmbdetect retrain: error: {event.data['message']}"]
+    assert "not registered" in runner.error_message
+    assert [p.name for p in (tmp_path / "user").iterdir() if not p.name.startswith(".")] == []
+    assert not any(work_root().iterdir())
+
+
+def test_the_training_panel_offers_register_worse_unticked():
+    """Static check of CMBDetectTraining (no Slicer here): the checkbox exists, is bound to a parameter
+    that defaults to False, and every ``self.ui.<name>`` the panel uses is in its .ui file."""
+    import ast
+    import xml.etree.ElementTree as ElementTree
+
+    module = REPO / "CMBDetectTraining"
+    root = ElementTree.parse(module / "Resources" / "UI" / "CMBDetectTraining.ui").getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    checkbox = widgets["registerWorseCheckBox"]
+    assert checkbox.get("class") == "QCheckBox"
+    properties = {p.get("name"): p for p in checkbox.findall("property")}
+    assert properties["checked"].findtext("bool") == "false" and properties["toolTip"].findtext("string")
+    assert properties["SlicerParameterName"].findtext("string") == "registerWorse"
+    tree = ast.parse((module / "CMBDetectTraining.py").read_text())
+    wrapper = next(n for n in ast.walk(tree)
+                   if isinstance(n, ast.ClassDef) and n.name == "CMBDetectTrainingParameterNode")
+    defaults = {s.target.id: s.value for s in wrapper.body if isinstance(s, ast.AnnAssign)}
+    assert isinstance(defaults["registerWorse"], ast.Constant) and defaults["registerWorse"].value is False
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "ui" and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+    assert "registerWorseCheckBox" in used and not used - set(widgets), sorted(used - set(widgets))
 
 
 def test_pseudo_labels_keep_only_confident_detections(tmp_path, models, monkeypatch):

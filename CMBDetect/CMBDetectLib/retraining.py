@@ -9,8 +9,12 @@ options, see :func:`add_retrain_arguments`). The steps:
 3. fine-tune stage 1 and the student (distilled from the teacher) from the parent's weights with
    :func:`CMBDetectLib.training.train_model` on the training cases only; rejected candidates are in the
    exported reviews as hard negatives and the trainer uses them for the student;
-4. evaluate the new model on the same validation cases ("after");
-5. register it as the parent's next version (:mod:`CMBDetectLib.model_registry`).
+4. evaluate the new model on the same validation cases ("after") and compare it with the parent
+   (:func:`CMBDetectLib.model_comparison.compare_metrics`: cluster-wise F1 first, then FPavg);
+5. register it as the parent's next version (:mod:`CMBDetectLib.model_registry`), with the comparison in
+   its provenance, unless it is *worse* than the parent: then nothing is registered and
+   :class:`~CMBDetectLib.errors.NotBetterError` is raised (``register_worse`` / ``--register-worse``
+   registers it anyway). An annotator thus only ever gets a better-or-equal model by default.
 
 Only a run that completes registers anything. A cancelled or failed run leaves the model folder as it
 was and removes its work folder; a run killed outright (Cancel in Slicer kills the process tree) leaves
@@ -43,7 +47,8 @@ from CMBDetectLib.dataset import (
     split_by_subject,
     validate_dataset,
 )
-from CMBDetectLib.errors import CancelledError, InputError
+from CMBDetectLib.errors import CancelledError, InputError, NotBetterError
+from CMBDetectLib.model_comparison import WORSE, Comparison, compare_metrics
 from CMBDetectLib.model_package import ModelPackage, user_models_dir
 from CMBDetectLib.progress import ProgressCallback, no_progress, scaled
 
@@ -65,6 +70,7 @@ class RetrainConfig:
     pseudo_label_threshold: float = 0.9                   # student probability of a confident detection
     evaluate: bool = True
     time_budget_minutes: float | None = None              # fine-tuning time cap (stage 1 + student)
+    register_worse: bool = False                          # register even if worse than the parent
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,11 +87,13 @@ class RetrainResult:
     dataset_fingerprint: str
     warnings: list[str]
     seconds: float
+    comparison: dict | None = None    # model_comparison.Comparison.to_dict() of after against before
 
     def to_json_dict(self) -> dict:
         return {"type": "result", "schema": RESULT_SCHEMA, "model": self.package.info(),
                 "parent": self.parent.info(), "metrics_before": self.metrics_before,
-                "metrics_after": self.metrics_after, "train_cases": self.train_cases,
+                "metrics_after": self.metrics_after, "comparison": self.comparison,
+                "train_cases": self.train_cases,
                 "validation_cases": self.validation_cases, "dataset_fingerprint": self.dataset_fingerprint,
                 "warnings": self.warnings, "seconds": round(self.seconds, 1)}
 
@@ -250,7 +258,9 @@ def retrain(init_model: str | os.PathLike | ModelPackage, dataset_dirs: Sequence
     """Fine-tune ``init_model`` on the dataset(s), evaluate before/after, register the new version.
 
     Raises ``CancelledError`` when ``cancel()`` becomes true (nothing registered, work folder removed),
-    ``InputError`` for an unusable dataset, ``ModelError`` for a corrupted parent model.
+    ``NotBetterError`` when the new model is worse than ``init_model`` on the validation cases and
+    ``config.register_worse`` is off (nothing registered, work folder removed), ``InputError`` for an
+    unusable dataset, ``ModelError`` for a corrupted parent model.
     """
     from CMBDetectLib.model_registry import register_model
     from CMBDetectLib.training import train_model
@@ -321,6 +331,10 @@ def retrain(init_model: str | os.PathLike | ModelPackage, dataset_dirs: Sequence
             metrics_after = evaluate_model(trained_package, validation_view, work / "after", config.device,
                                            scaled(progress, 0.85, 0.97), cancel)
         _check_cancel(cancel)   # the last moment a Cancel is honoured: registering is quick and atomic
+        comparison = compare_metrics(metrics_before, metrics_after)
+        if comparison.verdict == WORSE and not config.register_worse:
+            raise NotBetterError(not_better_message(parent.label, len(validation_cases), comparison),
+                                 comparison, parent.label, [c.case for c in validation_cases])
         progress(0.97, "registering the new model version")
         package = register_model(
             trained_package, parent, dataset_fingerprint=fingerprint,
@@ -329,13 +343,20 @@ def retrain(init_model: str | os.PathLike | ModelPackage, dataset_dirs: Sequence
                      "validation_cases": [c.case for c in validation_cases],
                      "pseudo_label_images": list(config.unreviewed_images) if config.pseudo_labels else []},
             metrics_before=metrics_before, metrics_after=metrics_after,
-            training={"retrain_config": config.to_dict()})
+            training={"retrain_config": config.to_dict(), "comparison": comparison.to_dict()})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     progress(1.0, f"registered {package.label}")
     return RetrainResult(package, parent, metrics_before, metrics_after, [c.case for c in train_cases],
                          [c.case for c in validation_cases], fingerprint, warnings,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, comparison.to_dict())
+
+
+def not_better_message(parent_label: str, n_validation: int, comparison: Comparison) -> str:
+    """The one sentence of :class:`NotBetterError` (the CLI's error line)."""
+    return (f"the fine-tuned model is worse than {parent_label} on the {n_validation} validation case(s): "
+            f"{comparison.reason}; it was not registered and {parent_label} stays in use; rerun with "
+            "--register-worse to keep it anyway")
 
 
 def training_options(config: RetrainConfig) -> dict:
@@ -389,6 +410,9 @@ def add_retrain_arguments(parser: argparse.ArgumentParser, with_required: bool =
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="upper bound on the fine-tuning time (stage 1 and student together)")
     parser.add_argument("--no-evaluate", action="store_true", help="skip the before/after metrics")
+    parser.add_argument("--register-worse", action="store_true",
+                        help="off by default: register the fine-tuned model even if it is worse than the "
+                             "model it started from on the validation cases (F1, then FPavg)")
     parser.add_argument("--progress", choices=("text", "json", "none"), default="text")
 
 
@@ -416,7 +440,8 @@ def run_retrain_command(args: argparse.Namespace) -> int:
                            training=_training_config(args.config), pseudo_labels=bool(args.pseudo_labels),
                            unreviewed_images=list(args.pseudo_labels or []),
                            pseudo_label_threshold=args.pseudo_label_threshold, evaluate=not args.no_evaluate,
-                           time_budget_minutes=args.time_budget)
+                           time_budget_minutes=args.time_budget,
+                           register_worse=bool(getattr(args, "register_worse", False)))
     progress = {"json": json_lines_progress, "text": text_progress}.get(args.progress, lambda: no_progress)()
     # Cancel in Slicer sends SIGTERM to the process group first: turn it into a clean CancelledError so
     # that the work folder is removed (a SIGKILL that follows is covered by remove_stale_work_dirs).
@@ -427,6 +452,13 @@ def run_retrain_command(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, on_terminate)
     try:
         result = retrain(args.init, args.dataset, config, progress)
+    except NotBetterError as error:
+        if args.progress == "json":   # for the panel: structured, before the error line on stderr
+            print(json.dumps({"type": "not_better", "message": str(error), "parent": error.parent,
+                              "validation_cases": error.validation_cases,
+                              "comparison": error.comparison.to_dict() if error.comparison else None}),
+                  flush=True)
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -438,6 +470,9 @@ def run_retrain_command(args: argparse.Namespace) -> int:
         if before or after:
             print(f"  validation ({len(result.validation_cases)} case(s)): "
                   f"before {describe_metrics(before)}; after {describe_metrics(after)}")
+        if result.comparison:
+            print(f"  compared with {result.parent.label}: {result.comparison['verdict']}, "
+                  f"{result.comparison['reason']}")
         for warning in result.warnings:
             print(f"  warning: {warning}")
     return 0

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation-fraction", type=float, default=0.2,
                         help="with --init: share of subjects kept for the before/after metrics")
     parser.add_argument("--config", metavar="JSON", help="training options file (TrainingConfig keys)")
+    parser.add_argument("--register-worse", action="store_true",
+                        help="with --init, off by default: register the new version even if it is worse than "
+                             "the model it started from on the validation subjects")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
     parser.add_argument("--stage1-steps", type=int, metavar="N", help="at most N optimiser steps for stage 1")
@@ -112,7 +115,7 @@ def _fine_tune_and_register(args: argparse.Namespace) -> int:
         init=args.init, dataset=list(args.dataset), validation_fraction=args.validation_fraction,
         seed=args.seed, device=args.device or "auto", config=json.dumps(training) if training else None,
         pseudo_labels=None, pseudo_label_threshold=0.9, time_budget=None, no_evaluate=False,
-        progress=args.progress)
+        register_worse=args.register_worse, progress=args.progress)
     return run_retrain_command(retrain_args)
 
 
