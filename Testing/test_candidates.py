@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -51,17 +49,14 @@ def test_peak_ties_resolve_to_the_lowest_index():
     assert candidates[0].peak_kji == (1, 1, 1)
 
 
-def test_statistics_match_scipy_and_extraction_is_fast():
+def test_statistics_match_scipy_on_a_ukbb_sized_map():
     rng = np.random.default_rng(0)
     prob = (rng.uniform(0, 0.3, (48, 288, 256))).astype(np.float32)
     for _ in range(220):
         k, j, i = rng.integers([2, 5, 5], [46, 283, 251])
         r = int(rng.integers(1, 3))
         prob[k - 1:k + 1, j - r:j + r, i - r:i + r] = rng.uniform(0.5, 1.0, (2, 2 * r, 2 * r))
-    extract_candidates(prob, 0.5, (3.0, 0.8, 0.8))    # warm-up
-    start = time.perf_counter()
     labels, candidates = extract_candidates(prob, 0.5, (3.0, 0.8, 0.8))
-    elapsed = time.perf_counter() - start
     assert len(candidates) > 150
     index = range(1, len(candidates) + 1)
     centres = ndimage.center_of_mass(labels > 0, labels, index)
@@ -69,8 +64,7 @@ def test_statistics_match_scipy_and_extraction_is_fast():
     maxima = ndimage.maximum(prob, labels, index)
     assert np.allclose(maxima, [c.p_det for c in candidates])
     assert all(labels[c.peak_kji] == c.label and prob[c.peak_kji] == c.p_det for c in candidates)
-    # ~30 ms measured; slack for the shared CPUs
-    assert elapsed < 0.25, f"extract_candidates took {elapsed * 1000:.0f} ms"
+    # Speed is measured by benchmarks/bench_detect.py (Th_Cdet re-filter), not asserted here.
 
 
 def test_patches_are_centred_and_zero_padded():
