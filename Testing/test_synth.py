@@ -233,6 +233,10 @@ def test_cli_writes_valid_dataset(tmp_path):
         assert {n["kind"] for n in review["hard_negatives"]} <= {"calcification", "vein", "iron"}
         assert review["generator"]["seed"] == 7
     assert not list(out.rglob("*.partial*"))
+    # a mixed-modality synthetic dataset passes the dataset validator (each case records its modality)
+    from CMBDetectLib.dataset import validate_dataset
+
+    assert validate_dataset(out) == []
 
 
 def test_cli_into_real_scan(tmp_path):

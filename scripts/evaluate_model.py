@@ -133,7 +133,7 @@ def main() -> int:
     parser.add_argument("--train-data", default="build/model/data/train",
                         help="training scans (only to choose the baseline's threshold)")
     parser.add_argument("--docs", default="docs")
-    parser.add_argument("--ablation-model", default="build/model/cmbdetect-synth-nokd-1.1.0",
+    parser.add_argument("--ablation-model", default="build/model/cmbdetect-synth-nokd-1.0.0",
                         help="the no-KD student package written by `make model`")
     args = parser.parse_args()
     work = Path(args.work)

@@ -126,6 +126,9 @@ def hard_negative_records(review: dict) -> list[dict]:
     return records
 
 
+MIXED_MODALITY = "mixed"     # a dataset whose cases each record their own modality (``cmbdetect synth``)
+
+
 def dataset_modality(description: dict) -> str | None:
     """The dataset's modality code (``swi`` / ``t2s`` / ``qsm``)."""
     return description.get("cmbdetect", {}).get("modality") or description.get("channel_names", {}).get("0")
@@ -221,7 +224,7 @@ def _validate_case(root: Path, name: str, modality: str | None, check_voxels: bo
         problems.append(f"{name}: review names case {review.get('case')!r}")
     if not review.get("modality"):
         problems.append(f"{name}: modality is not recorded in the review")
-    elif modality and review.get("modality") != modality:
+    elif modality and modality != MIXED_MODALITY and review.get("modality") != modality:
         problems.append(f"{name}: modality {review.get('modality')!r} differs from the dataset's "
                         f"{modality!r}")
     cmbs = review.get("cmbs", [])
