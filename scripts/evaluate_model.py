@@ -70,27 +70,36 @@ def detect_learned(images: list[Path], out: Path, model: str) -> float:
     return (time.perf_counter() - start) / max(1, len(todo))
 
 
-def baseline_detect(image: Path, out: Path, th_frst: float, working_spacing: float) -> None:
-    volume = read_volume(image)
+def baseline_write(image: Path, out: Path, features, th_frst: float) -> None:
     modality = image.name.split("_")[1]
-    features = compute_features(volume, modality, working_spacing_mm=working_spacing)
     result = detect_baseline(features, th_frst=th_frst)
     stem = image_stem(image)
     write_volume_atomic(result.final_labels(), out / f"{stem}_cmb.nii.gz")
-    record = result.to_json_dict(str(image), modality, image_shape=volume.shape_ijk, image_spacing=volume.spacing)
+    record = result.to_json_dict(str(image), modality, image_shape=features.grid.input_size,
+                                 image_spacing=features.grid.input_spacing)
     atomic_write_text(out / f"{stem}_candidates.json", json.dumps(record))
+
+
+def baseline_features(image: Path, working_spacing: float):
+    volume = read_volume(image)
+    return compute_features(volume, image.name.split("_")[1], working_spacing_mm=working_spacing)
 
 
 def choose_baseline_threshold(train: Path, out: Path, working_spacing: float, n_cases: int) -> float:
     """Best-F1 FRST threshold on training scans (the test set is never used to tune anything)."""
     images = sorted((train / "imagesTr").glob("*.nii.gz"))[:n_cases]
-    best = (-1.0, 0.5)
-    for th in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
-        folder = out / f"th_{th:.2f}"
+    thresholds = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    folders = {th: out / f"th_{th:.2f}" for th in thresholds}
+    for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-        for image in images:
-            if not (folder / f"{image_stem(image)}_cmb.nii.gz").is_file():
-                baseline_detect(image, folder, th, working_spacing)
+    for image in images:            # features once per scan, every threshold from them
+        todo = [th for th, f in folders.items() if not (f / f"{image_stem(image)}_cmb.nii.gz").is_file()]
+        if todo:
+            features = baseline_features(image, working_spacing)
+            for th in todo:
+                baseline_write(image, folders[th], features, th)
+    best = (-1.0, 0.5)
+    for th, folder in folders.items():
         report = evaluate(folder, train, allow_missing=True)
         f1 = summarise([s.clusterwise for s in report.scans])["f1"]
         print(f"baseline th_frst {th:.2f}: F1 {f1:.3f} on {len(images)} training scans")
@@ -139,7 +148,8 @@ def main() -> int:
     work = Path(args.work)
     test = work / "test"
     make_test_set(test, args.per_cell)
-    images = sorted((test / "imagesTr").glob("*.nii.gz"))
+    # the first --per-cell scans of every modality x thickness cell (case index = 100 * cell + j)
+    images = sorted(p for p in (test / "imagesTr").glob("*.nii.gz") if int(p.name.split("_")[2]) % 100 < args.per_cell)
     info = case_info(test)
     model = ModelPackage.load(args.model)
     working = float(model.preprocessing.get("working_spacing_mm", 0.8))
@@ -159,7 +169,7 @@ def main() -> int:
     baseline_dir.mkdir(parents=True, exist_ok=True)
     for image in images:
         if not (baseline_dir / f"{image_stem(image)}_cmb.nii.gz").is_file():
-            baseline_detect(image, baseline_dir, th_frst, working)
+            baseline_write(image, baseline_dir, baseline_features(image, working), th_frst)
     baseline = evaluate(baseline_dir, test)
 
     docs = Path(args.docs)
