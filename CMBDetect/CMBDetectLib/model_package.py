@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from CMBDetectLib.errors import ModelError
+from CMBDetectLib.errors import CancelledError, ModelError
 
 SCHEMA = "cmbdetect.model/1"
 ROLES = ("stage1", "teacher", "student")
@@ -143,6 +143,8 @@ class ModelPackage:
         try:
             state = torch.load(self.path / spec["file"], map_location="cpu", weights_only=True)
             module.load_state_dict(state)
+        except CancelledError:      # a Cancel (SIGTERM) that lands while loading is not a bad file
+            raise
         except Exception as error:  # noqa: BLE001 - any unpickling/shape problem means a bad file
             raise ModelError(f"model {self.label}: cannot load {spec['file']} ({type(error).__name__}: "
                              f"{str(error).splitlines()[0][:200]})") from None
