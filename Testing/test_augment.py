@@ -80,3 +80,24 @@ def test_probability_controls_how_often_noise_applies() -> None:
     changed = sum(not np.array_equal(augment_patch(patch, np.random.default_rng(s), config), patch)
                   for s in range(400))
     assert 160 < changed < 240
+
+
+def test_flips_move_channels_and_labels_together_and_are_off_by_default():
+    from CMBDetectLib.training.augment import random_flip
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1, 2, 4] = 1                                     # an off-centre "CMB"
+    patch = np.stack([labels * 5.0, labels * 2.0]).astype(np.float32)
+    assert AugmentationConfig().flip_probability == 0.0     # the paper's Table 1 has no flips
+    state = rng.bit_generator.state
+    same, same_labels = random_flip(rng, 0.0, patch, labels)
+    assert same is patch and same_labels is labels and rng.bit_generator.state == state  # no draw at p = 0
+    seen = set()
+    for seed in range(40):
+        flipped, flipped_labels = random_flip(np.random.default_rng(seed), 0.5, patch, labels)
+        where = tuple(int(v) for v in np.argwhere(flipped_labels)[0])
+        assert np.argwhere(flipped[0]).tolist() == [list(where)] and flipped[1][where] == 2.0
+        seen.add(where)
+    assert seen == {(k, j, i) for k in (1, 4) for j in (2, 3) for i in (4, 1)}   # all 8 mirror images
+    assert AugmentationConfig(flip_probability=0.5).disabled().flip_probability == 0.0

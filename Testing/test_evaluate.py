@@ -195,3 +195,20 @@ def test_inconsistent_dataset_instances_are_refused(tmp_path):
     write_volume_atomic(volume(np.zeros(SHAPE, np.uint16)), pred_dir / "c1_cmb.nii.gz")
     with pytest.raises(InputError, match="disagree"):
         evaluate(pred_dir, root)
+
+
+def test_removals_say_where_each_cmb_and_false_candidate_was_lost():
+    from CMBDetectLib.evaluate import removals
+
+    candidates = [{"final": False, "reason": "discrimination"},   # CMB 1, also reached ellipticity below
+                  {"final": False, "reason": "ellipticity"},      # CMB 1
+                  {"final": True, "reason": None},                # CMB 2 found
+                  {"final": False, "reason": "volume"},           # false candidate
+                  {"final": True, "reason": None},                # false positive kept
+                  {"final": False, "reason": "discrimination"}]   # false candidate
+    hits = [[1], [1], [2], [], [], []]
+    result = removals(hits, candidates, [1, 2, 3])                # CMB 3 was never a candidate
+    assert result["cmbs"] == {"not a candidate": 1, "discrimination": 0, "volume": 0, "ellipticity": 1,
+                              "edge_distance": 0, "kept": 1}
+    assert result["false_candidates"] == {"discrimination": 1, "volume": 1, "ellipticity": 0,
+                                          "edge_distance": 0, "kept": 1}

@@ -57,6 +57,9 @@ STAGE_TITLES = {"candidate_detection": "after candidate detection",
                 "discrimination": "after discrimination",
                 "postprocessing": "after post-processing"}
 SHAPE_REASONS = ("volume", "ellipticity", "edge_distance")
+# Removal reasons in pipeline order (a candidate's ``reason`` is the first filter it failed), then kept.
+REMOVAL_REASONS = ("discrimination", *SHAPE_REASONS, "kept")
+CMB_FATES = ("not a candidate", *REMOVAL_REASONS)
 
 
 @dataclass(frozen=True)
@@ -83,12 +86,16 @@ class ScanEvaluation:
     # (score, hit ground-truth ids) per candidate, for each FROC curve
     froc_items: dict[str, list[tuple[float, list[int]]]] | None = None
     parameters: dict = field(default_factory=dict)
+    # where CMBs and false candidates were removed: {"cmbs": {fate: n}, "false_candidates": {reason: n}}
+    removals: dict[str, dict[str, int]] | None = None
 
     def to_dict(self) -> dict:
         data = {"stem": self.stem, "case": self.case, "modality": self.modality, "n_gt": self.n_gt,
                 "clusterwise": self.clusterwise.to_dict(), "valdo": self.valdo.to_dict()}
         if self.stages is not None:
             data["stages"] = {name: counts.to_dict() for name, counts in self.stages.items()}
+        if self.removals is not None:
+            data["removals"] = self.removals
         return data
 
 
@@ -112,6 +119,17 @@ class EvaluationReport:
     def stage_summary(self, scans: Sequence[ScanEvaluation] | None = None) -> dict[str, dict]:
         scans = self.scans if scans is None else scans
         return {stage: summarise([scan.stages[stage] for scan in scans]) for stage in STAGES}
+
+    def removal_summary(self, scans: Sequence[ScanEvaluation] | None = None) -> dict[str, dict[str, int]]:
+        """Summed :func:`removals` of ``scans`` (all scans with a candidates JSON by default)."""
+        scans = [s for s in (self.scans if scans is None else scans) if s.removals is not None]
+        total: dict[str, dict[str, int]] = {"cmbs": dict.fromkeys(CMB_FATES, 0),
+                                            "false_candidates": dict.fromkeys(REMOVAL_REASONS, 0)}
+        for scan in scans:
+            for kind, counts in scan.removals.items():
+                for key, value in counts.items():
+                    total[kind][key] = total[kind].get(key, 0) + value
+        return total
 
     def froc_curves(self) -> dict[str, list[FrocPoint]]:
         """FROC curves named by what is swept, over all scans (needs the candidates JSON of every scan)."""
@@ -137,6 +155,7 @@ class EvaluationReport:
             data["froc"] = {name: {"froc_score": froc_score(points),
                                    "points": [vars(p) for p in points]}
                             for name, points in self.froc_curves().items()}
+            data["removals"] = self.removal_summary()
         return _json_safe(data)
 
 
@@ -290,6 +309,36 @@ def _shape_reason(candidate: dict, params: PostprocessingParameters) -> str | No
     return removal_reason(shape, params)
 
 
+def removals(hits: list[list[int]], candidates: Sequence[dict], n_gt_ids: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Where each ground-truth CMB was lost, and which filter removed each false candidate.
+
+    A CMB's fate is that of the candidate touching it that went furthest through the pipeline
+    (``kept`` if any was final; ``not a candidate`` if stage 1 produced none), so the counts say which
+    stage or filter costs sensitivity; the false candidates' reasons say what each filter is worth.
+    """
+    rank = {reason: position for position, reason in enumerate(REMOVAL_REASONS)}
+
+    def fate(candidate: dict) -> str:
+        if candidate.get("final"):
+            return "kept"
+        reason = candidate.get("reason")
+        return reason if reason in rank else "discrimination"
+
+    best: dict[int, str] = {}
+    false_candidates = dict.fromkeys(REMOVAL_REASONS, 0)
+    for hit, candidate in zip(hits, candidates):
+        reason = fate(candidate)
+        if not hit:
+            false_candidates[reason] += 1
+        for gt_id in hit:
+            if gt_id not in best or rank[reason] > rank[best[gt_id]]:
+                best[gt_id] = reason
+    cmbs = dict.fromkeys(CMB_FATES, 0)
+    for gt_id in n_gt_ids:
+        cmbs[best.get(gt_id, "not a candidate")] += 1
+    return {"cmbs": cmbs, "false_candidates": false_candidates}
+
+
 def _stage_counts(hits: list[list[int]], keep: list[bool], n_gt: int) -> Counts:
     found = {g for h, k in zip(hits, keep) if k for g in h}
     return Counts(tp=len(found), fp=sum(1 for h, k in zip(hits, keep) if k and not h), fn=n_gt - len(found),
@@ -332,6 +381,7 @@ def evaluate_scan(files: ScanFiles, gt_modality: str | None = None) -> ScanEvalu
         "discrimination": _stage_counts(hits, passed_discrimination, n_gt),
         "postprocessing": _stage_counts(hits, final, n_gt),
     }
+    evaluation.removals = removals(hits, candidates, [int(v) for v in np.unique(gt[gt > 0])])
     shape_ok = [_shape_reason(c, shape_params) is None for c in candidates]
     p_det = [float(c.get("p_det", 0.0)) for c in candidates]
     p_disc = [float(c.get("p_disc", 0.0)) for c in candidates]
@@ -400,7 +450,8 @@ def format_report(report: EvaluationReport, verbose: bool = False, by_modality: 
         for stage, s in report.stage_summary().items():
             lines.append(f"{STAGE_TITLES[stage]:<28} {s['tp']:>5} {s['fp']:>6} {s['fn']:>4} "
                          f"{_fmt(s['tpr']):>6} {_fmt(s['fp_avg'], 2):>7} {_fmt(s['precision']):>6}")
-        lines.append("")
+        lines += ["", "Where candidates are removed (a CMB counts at the furthest stage one of its candidates reached)",
+                  *removal_lines(report.removal_summary()), ""]
         for name, points in report.froc_curves().items():
             lines.append(f"FROC score {name}: {_fmt(froc_score(points))} "
                          "(mean TPR at 1/8 ... 8 FP per scan)")
@@ -409,6 +460,17 @@ def format_report(report: EvaluationReport, verbose: bool = False, by_modality: 
     if report.skipped:
         lines.append(f"not evaluated (no detection): {_short_list(report.skipped)}")
     return "\n".join(lines)
+
+
+def removal_lines(summary: dict[str, dict[str, int]]) -> list[str]:
+    """Two aligned text rows: true CMBs lost at each stage / filter, false candidates removed there."""
+    columns = CMB_FATES
+    lines = [f"{'':<18}" + "".join(f"{name:>17}" for name in columns)]
+    lines.append(f"{'true CMBs':<18}" + "".join(f"{summary['cmbs'].get(name, 0):>17}" for name in columns))
+    lines.append(f"{'false candidates':<18}" + "".join(
+        f"{summary['false_candidates'].get(name, 0) if name != 'not a candidate' else '-':>17}"
+        for name in columns))
+    return lines
 
 
 def operating_points(report: EvaluationReport) -> dict[str, tuple[float, float]]:

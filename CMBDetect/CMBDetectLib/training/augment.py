@@ -2,8 +2,11 @@
 
 Only transformations that do not destroy 2-10 voxel CMBs: translation (a random offset of the patch
 crop, so no interpolation at all), additive Gaussian noise and a very light Gaussian blur. No rotation
-or down-scaling. Noise and blur are each applied with their own probability ("random combinations"),
-parameters drawn uniformly from the Table 1 ranges.
+or down-scaling. Beyond Table 1, optional mirror flips (``flip_probability``, off by default): a flip
+moves voxels without interpolating them, and a CMB's dipole pattern, a vein or a calcification stays
+what it is when mirrored about any axis through the patch centre (the B0 axis included).
+Noise and blur are each applied with their own probability ("random combinations"), parameters drawn
+uniformly from the Table 1 ranges.
 
 Note: at Table 1's blur sigma of 0.1-0.2 voxel a neighbour's weight is at most exp(-12.5) ~ 4e-6,
 so that blur is practically the identity; it is kept for fidelity and can be widened in the config.
@@ -34,6 +37,7 @@ class AugmentationConfig:
     # paper's normalised images); our intensities live in [0, 1] with CMB contrasts of ~0.3, where an
     # absolute sigma of 0.2 would bury small CMBs.
     relative_noise: bool = True
+    flip_probability: float = 0.0                     # per axis; 0 keeps the paper's Table 1 exactly
 
     @classmethod
     def from_dict(cls, values: dict | None) -> AugmentationConfig:
@@ -44,7 +48,8 @@ class AugmentationConfig:
         return cls(**values)
 
     def disabled(self) -> AugmentationConfig:
-        return replace(self, translation_voxels=0, noise_probability=0.0, blur_probability=0.0)
+        return replace(self, translation_voxels=0, noise_probability=0.0, blur_probability=0.0,
+                       flip_probability=0.0)
 
 
 def random_offset(rng: np.random.Generator, translation_voxels: int) -> np.ndarray:
@@ -70,3 +75,17 @@ def augment_patch(patch: np.ndarray, rng: np.random.Generator, config: Augmentat
         for channel in range(out.shape[0]):
             out[channel] = ndimage.gaussian_filter(out[channel], sigma=sigma, mode="nearest")
     return out
+
+
+def random_flip(rng: np.random.Generator, probability: float, channels: np.ndarray,
+                labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Mirror ``channels [C, D, H, W]`` (and ``labels [D, H, W]`` the same way) along each spatial axis
+    with ``probability``. Draws nothing from ``rng`` when ``probability`` is 0 (older recipes replay)."""
+    if probability <= 0:
+        return channels, labels
+    for axis in range(3):
+        if rng.random() < probability:
+            channels = np.flip(channels, axis=axis + 1)
+            labels = None if labels is None else np.flip(labels, axis=axis)
+    return (np.ascontiguousarray(channels),
+            None if labels is None else np.ascontiguousarray(labels))

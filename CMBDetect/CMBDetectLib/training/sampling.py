@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from CMBDetectLib.candidates import extract_patches
-from CMBDetectLib.training.augment import AugmentationConfig, augment_patch, random_offset
+from CMBDetectLib.training.augment import AugmentationConfig, augment_patch, random_flip, random_offset
 from CMBDetectLib.training.data import TrainingCase
 
 
@@ -75,6 +75,7 @@ def sample_segmentation_batch(cases: list[TrainingCase], indices: list[int], rng
             limit = min(augmentation.translation_voxels, patch_size // 2 - 2)
             centre = centre + random_offset(rng, limit)
         channels, labels = _crop(cases[index], centre, patch_size)
+        channels, labels = random_flip(rng, augmentation.flip_probability, channels, labels)
         xs.append(augment_patch(channels, rng, augmentation))
         ys.append(labels)
     return np.stack(xs), np.stack(ys)
@@ -138,6 +139,7 @@ class TeacherSampler:
             centre = np.round(np.asarray(item.centre, dtype=float)).astype(np.int64)
             centre = centre + random_offset(rng, limit)
             channels, labels = _crop(self.cases[item.case], centre, self.patch_size)
+            channels, labels = random_flip(rng, augmentation.flip_probability, channels, labels)
             xs.append(augment_patch(channels, rng, augmentation))
             ys.append(labels)
             classes.append(central_label(labels, self.central_radius))
@@ -168,6 +170,7 @@ class CandidateSampler:
             pool = self.positives if positive else self.negatives
             item = pool[rng.integers(len(pool))]
             patch = self._patch(item, random_offset(rng, augmentation.translation_voxels))
+            patch, _ = random_flip(rng, augmentation.flip_probability, patch)
             xs.append(augment_patch(patch, rng, augmentation))
             ys.append(item.label)
         return np.stack(xs), np.array(ys, dtype=np.int64)

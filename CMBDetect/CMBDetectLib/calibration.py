@@ -1,0 +1,203 @@
+"""Operating-point calibration: choose ``th_det``, ``th_disc`` and the post-processing limits of a model on a
+development set (never the test set), and record the choice in its ``model.json``.
+
+The networks run once per development scan (:class:`pipeline.DetectionSession`); every candidate of every
+``th_det`` in the grid is then measured once (student probability, volume, ellipticity, edge distance, and
+which ground-truth CMBs it touches, by the centroid rule of :func:`evaluate.candidate_hits`), so sweeping the
+remaining parameters is only array arithmetic.
+
+Objective (the project's target): the most CMBs found with at most ``max_fp_per_scan`` false positives per
+scan; ties go to fewer false positives, then to the setting closest to the paper's defaults. The paper's
+post-processing limits (5 voxels, ellipticity 0.2, 5 voxels from the edge) are in the grid, so calibration
+can only keep or relax them where the development set shows they cost more CMBs than they save.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from CMBDetectLib.errors import InputError
+from CMBDetectLib.model_package import ModelPackage
+from CMBDetectLib.postprocessing import PostprocessingParameters
+from CMBDetectLib.progress import ProgressCallback, no_progress
+from CMBDetectLib.volume import atomic_write_text
+
+PAPER = PostprocessingParameters()
+FRONTIER_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)      # recorded: what each false-positive budget would buy
+
+
+@dataclass(frozen=True)
+class CalibrationGrid:
+    th_det: tuple[float, ...] = (0.3, 0.4, 0.5)
+    th_disc: tuple[float, ...] = tuple(round(v, 2) for v in np.arange(0.05, 0.96, 0.05)) + (0.97, 0.99)
+    min_volume_mm3: tuple[float, ...] = (0.0, PAPER.min_volume_mm3)
+    max_ellipticity: tuple[float, ...] = (PAPER.max_ellipticity, 0.3, 0.4, 0.5, 1.0)
+    min_edge_distance_mm: tuple[float, ...] = (0.0, 2.0, PAPER.min_edge_distance_mm)
+
+
+@dataclass
+class CandidateTable:
+    """Every stage-1 candidate of one scan at one ``th_det``, with what the filters need."""
+
+    p_disc: np.ndarray
+    volume_mm3: np.ndarray
+    ellipticity: np.ndarray
+    edge_distance_mm: np.ndarray
+    hits: list[list[int]]          # ground-truth CMB ids each candidate touches
+
+
+@dataclass
+class ScanCandidates:
+    case: str
+    modality: str
+    n_gt: int
+    by_th_det: dict[float, CandidateTable]
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    th_det: float
+    th_disc: float
+    min_volume_mm3: float
+    max_ellipticity: float
+    min_edge_distance_mm: float
+    tp: int
+    fp: int
+    n_gt: int
+    n_scans: int
+
+    @property
+    def tpr(self) -> float:
+        return self.tp / self.n_gt if self.n_gt else float("nan")
+
+    @property
+    def fp_per_scan(self) -> float:
+        return self.fp / self.n_scans if self.n_scans else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tpr": round(self.tpr, 4), "fp_per_scan": round(self.fp_per_scan, 4)}
+
+
+def measure_scan(session, ground_truth: np.ndarray, label_volume, case: str, th_dets: Sequence[float]
+                 ) -> ScanCandidates:
+    """Candidates of a session that has run, at every ``th_det``, matched to ``ground_truth`` instances."""
+    from CMBDetectLib.evaluate import candidate_hits
+    from CMBDetectLib.pipeline import DetectionParameters
+
+    tables = {}
+    for th_det in th_dets:
+        # every candidate kept: th_disc 0 and no shape filter, so each one's measures are reported
+        result = session.refilter(DetectionParameters(th_det=th_det, th_disc=0.0, min_volume_mm3=0.0,
+                                                      max_ellipticity=1.0, min_edge_distance_mm=0.0))
+        records = [c.to_dict() for c in result.candidates]
+        tables[float(th_det)] = CandidateTable(
+            p_disc=np.array([c.p_disc for c in result.candidates], float),
+            volume_mm3=np.array([c.volume_mm3 for c in result.candidates], float),
+            ellipticity=np.array([c.ellipticity for c in result.candidates], float),
+            edge_distance_mm=np.array([c.edge_distance_mm for c in result.candidates], float),
+            hits=candidate_hits(ground_truth, label_volume, records))
+    n_gt = int(len(np.unique(ground_truth[ground_truth > 0])))
+    return ScanCandidates(case, str(session.modality), n_gt, tables)
+
+
+def sweep(scans: Sequence[ScanCandidates], grid: CalibrationGrid) -> list[OperatingPoint]:
+    """Cluster counts (centroid rule) of every grid setting over ``scans``."""
+    if not scans:
+        raise InputError("calibration needs at least one development scan")
+    n_gt = sum(scan.n_gt for scan in scans)
+    points = []
+    for th_det in grid.th_det:
+        tables = [scan.by_th_det[float(th_det)] for scan in scans]
+        for min_volume, max_ellipticity, min_edge in itertools.product(
+                grid.min_volume_mm3, grid.max_ellipticity, grid.min_edge_distance_mm):
+            # same rules as postprocessing.removal_reason
+            shape_ok = [(t.volume_mm3 >= min_volume) & (t.ellipticity <= max_ellipticity)
+                        & (t.edge_distance_mm >= min_edge) for t in tables]
+            for th_disc in grid.th_disc:
+                tp = fp = 0
+                for table, ok in zip(tables, shape_ok):
+                    keep = np.flatnonzero(ok & (table.p_disc >= th_disc))
+                    found = {gt for index in keep for gt in table.hits[index]}
+                    tp += len(found)
+                    fp += sum(1 for index in keep if not table.hits[index])
+                points.append(OperatingPoint(float(th_det), float(th_disc), float(min_volume),
+                                             float(max_ellipticity), float(min_edge), tp, fp, n_gt, len(scans)))
+    return points
+
+
+def _distance_from_paper(point: OperatingPoint, default_th_det: float) -> float:
+    return (abs(point.th_det - default_th_det) + abs(point.max_ellipticity - PAPER.max_ellipticity)
+            + abs(point.min_volume_mm3 - PAPER.min_volume_mm3) / PAPER.min_volume_mm3
+            + abs(point.min_edge_distance_mm - PAPER.min_edge_distance_mm) / PAPER.min_edge_distance_mm)
+
+
+def choose(points: Sequence[OperatingPoint], max_fp_per_scan: float = 1.0,
+           default_th_det: float = 0.5) -> OperatingPoint:
+    """Most CMBs found within the false-positive budget; then fewer FPs; then closest to the paper."""
+    if not points:
+        raise InputError("no operating point to choose from")
+    allowed = [p for p in points if p.fp_per_scan <= max_fp_per_scan + 1e-9]
+    if not allowed:                                   # budget unreachable: the fewest false positives
+        allowed = [min(points, key=lambda p: (p.fp, -p.tp))]
+    return min(allowed, key=lambda p: (-p.tp, p.fp, _distance_from_paper(p, default_th_det), -p.th_disc))
+
+
+def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], grid: CalibrationGrid,
+            device: str = "cpu", progress: ProgressCallback | None = None) -> list[ScanCandidates]:
+    """Run the model once on each ``(case, image, instance_or_label_map, modality)`` and measure it."""
+    from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
+    from CMBDetectLib.volume import read_volume
+
+    report = progress or no_progress
+    scans = []
+    for index, (case, image, ground_truth, modality) in enumerate(cases):
+        report(index / max(len(cases), 1), f"calibration: {case}")
+        volume = read_volume(image)
+        truth = read_volume(ground_truth)
+        if truth.array.shape != volume.array.shape:
+            raise InputError(f"{ground_truth.name} is not on the grid of {image.name}")
+        session = DetectionSession(model, device=device)
+        session.run(volume, modality, params=DetectionParameters.for_model(model, th_det=min(grid.th_det)))
+        scans.append(measure_scan(session, truth.array.astype(np.int64), truth, case, grid.th_det))
+    report(1.0, f"calibration: {len(scans)} scans measured")
+    return scans
+
+
+def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequence[OperatingPoint],
+                      scans: Sequence[ScanCandidates], description: dict, max_fp_per_scan: float) -> dict:
+    """Put the chosen operating point into ``model.json`` (thresholds + post-processing + a record)."""
+    manifest_path = Path(package_dir) / "model.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    before = {"thresholds": manifest.get("thresholds"), "postprocessing": manifest.get("postprocessing")}
+    manifest["thresholds"] = {"th_det": chosen.th_det, "th_disc": chosen.th_disc}
+    manifest["postprocessing"] = {"min_volume_mm3": chosen.min_volume_mm3,
+                                  "max_ellipticity": chosen.max_ellipticity,
+                                  "min_edge_distance_mm": chosen.min_edge_distance_mm}
+
+    def at(params: dict) -> dict | None:
+        match = [p for p in points if all(abs(getattr(p, k) - float(v)) < 1e-6 for k, v in params.items())]
+        return match[0].to_dict() if match else None
+
+    paper_point = at({"th_det": 0.5, "th_disc": (before["thresholds"] or {}).get("th_disc", 0.5),
+                      **PAPER.to_dict()})
+    record = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "development_set": description, "scans": len(scans), "cmbs": sum(s.n_gt for s in scans),
+        "objective": f"most CMBs found with <= {max_fp_per_scan:g} false positives per scan "
+                     "(centroid matching); ties: fewer false positives, then closest to the paper's filters",
+        "chosen": chosen.to_dict(), "before": before,
+        "at_training_threshold_and_paper_filters": paper_point,
+        "grid_points": len(points),
+        "best_within": {f"{budget:g}_fp_per_scan": choose(points, budget).to_dict()
+                        for budget in FRONTIER_BUDGETS},
+    }
+    manifest["calibration"] = record
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return record

@@ -1,0 +1,103 @@
+"""Operating-point calibration: the sweep counts like the pipeline filters, the choice follows its objective,
+and a real calibration run (tiny model, real files) writes a model.json the pipeline then uses."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_dataset import write_dataset
+
+from CMBDetectLib.calibration import (
+    CalibrationGrid,
+    CandidateTable,
+    OperatingPoint,
+    ScanCandidates,
+    choose,
+    collect,
+    sweep,
+    write_calibration,
+)
+from CMBDetectLib.model_package import ModelPackage
+from CMBDetectLib.pipeline import DetectionParameters
+
+
+def _scan(p_disc, volume, ellipticity, edge, hits, n_gt, th_det=0.5):
+    table = CandidateTable(np.array(p_disc, float), np.array(volume, float), np.array(ellipticity, float),
+                           np.array(edge, float), hits)
+    return ScanCandidates("case", "swi", n_gt, {th_det: table})
+
+
+def _grid(**overrides):
+    values = {"th_det": (0.5,), "th_disc": (0.5, 0.9), "min_volume_mm3": (2.56,), "max_ellipticity": (0.2, 1.0),
+              "min_edge_distance_mm": (4.0,)}
+    values.update(overrides)
+    return CalibrationGrid(**values)
+
+
+def test_sweep_counts_like_the_filters():
+    # CMB 1: elongated true candidate (p 0.95, ellipticity 0.4); CMB 2: round (p 0.6); two false candidates:
+    # p 0.92 round (FP at any th_disc), p 0.7 too close to the edge (removed by the edge filter)
+    scan = _scan(p_disc=[0.95, 0.6, 0.92, 0.7], volume=[10, 10, 10, 10], ellipticity=[0.4, 0.1, 0.1, 0.1],
+                 edge=[20, 20, 20, 1.0], hits=[[1], [2], [], []], n_gt=2)
+    points = {(p.th_disc, p.max_ellipticity): (p.tp, p.fp) for p in sweep([scan], _grid())}
+    assert points[(0.5, 0.2)] == (1, 1)        # CMB 1 removed by ellipticity, edge FP removed
+    assert points[(0.5, 1.0)] == (2, 1)
+    assert points[(0.9, 0.2)] == (0, 1)        # CMB 2 below th_disc, CMB 1 elongated
+    assert points[(0.9, 1.0)] == (1, 1)
+
+
+def test_two_candidates_of_one_cmb_count_once():
+    scan = _scan(p_disc=[0.9, 0.8], volume=[10, 10], ellipticity=[0, 0], edge=[9, 9], hits=[[1], [1]], n_gt=1)
+    point = sweep([scan], _grid(th_disc=(0.5,), max_ellipticity=(0.2,)))[0]
+    assert (point.tp, point.fp, point.tpr) == (1, 0, 1.0)
+
+
+def _point(tp, fp, th_disc=0.5, max_ellipticity=0.2, n_gt=10, n_scans=2):
+    return OperatingPoint(0.5, th_disc, 2.56, max_ellipticity, 4.0, tp, fp, n_gt, n_scans)
+
+
+def test_choose_most_found_within_the_false_positive_budget():
+    points = [_point(9, 5), _point(8, 2), _point(8, 1), _point(6, 0)]
+    assert choose(points, max_fp_per_scan=1.0) == _point(8, 1)       # 9 found costs 2.5 FP/scan
+    assert choose(points, max_fp_per_scan=3.0) == _point(9, 5)
+
+
+def test_choose_prefers_the_paper_filters_on_ties():
+    relaxed, paper = _point(8, 1, max_ellipticity=0.5), _point(8, 1, max_ellipticity=0.2)
+    assert choose([relaxed, paper]) == paper
+
+
+def test_choose_with_an_unreachable_budget_takes_the_fewest_false_positives():
+    assert choose([_point(9, 9), _point(7, 6)], max_fp_per_scan=1.0) == _point(7, 6)
+
+
+@pytest.mark.slow
+def test_calibration_of_a_real_model_on_real_files(tmp_path, tiny_model):
+    dataset = write_dataset(tmp_path / "dev", n_cases=2, seed=7)
+    cases = [(image.name[:-12], image, dataset / "cmbdetect" / "instances" / image.name.replace("_0000", ""),
+              "swi") for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))]
+    grid = CalibrationGrid(th_det=(0.4, 0.5), th_disc=(0.1, 0.5, 0.9))
+    scans = collect(tiny_model, cases, grid)
+    assert [s.n_gt for s in scans] == [3, 3]
+    assert all(set(s.by_th_det) == {0.4, 0.5} for s in scans)
+    points = sweep(scans, grid)
+    assert len(points) == 2 * 3 * 2 * 5 * 3
+    # a lower th_disc never finds fewer CMBs (same th_det and filters)
+    by_key = {(p.th_det, p.min_volume_mm3, p.max_ellipticity, p.min_edge_distance_mm, p.th_disc): p.tp
+              for p in points}
+    assert all(by_key[k[:4] + (0.1,)] >= by_key[k[:4] + (0.9,)] for k in by_key)
+
+    package = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_model.path, package)
+    chosen = choose(points)
+    record = write_calibration(package, chosen, points, scans, {"seed": 7}, max_fp_per_scan=1.0)
+    manifest = json.loads((package / "model.json").read_text())
+    assert manifest["calibration"]["chosen"]["tp"] == chosen.tp == record["chosen"]["tp"]
+    reloaded = ModelPackage.load(package)            # weights still verify; the pipeline uses the new point
+    params = DetectionParameters.for_model(reloaded)
+    assert (params.th_det, params.th_disc, params.max_ellipticity) == (chosen.th_det, chosen.th_disc,
+                                                                       chosen.max_ellipticity)

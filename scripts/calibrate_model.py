@@ -1,0 +1,72 @@
+"""Choose a model's operating point on the development set and write it into its ``model.json``.
+
+``python scripts/calibrate_model.py MODEL_DIR`` (``make model`` runs it on the new package before installing it).
+The development set is synthetic (seed ``DEV_SEED`` of ``evaluate_model.py``; 2 scans per modality x slice
+thickness cell by default), generated with the same settings as the test set but never the test set itself.
+See ``CMBDetectLib/calibration.py`` for the grid and the objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from evaluate_model import DEV_SEED, MIN_CMBS, make_test_set  # noqa: E402
+
+from CMBDetectLib.calibration import CalibrationGrid, choose, collect, sweep, write_calibration  # noqa: E402
+from CMBDetectLib.model_package import ModelPackage  # noqa: E402
+from CMBDetectLib.progress import text_progress  # noqa: E402
+
+
+def development_cases(dataset: Path, per_cell: int) -> list[tuple[str, Path, Path, str]]:
+    cases = []
+    for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz")):
+        case = image.name[: -len("_0000.nii.gz")]
+        if int(case.split("_")[2]) % 100 >= per_cell:
+            continue
+        review = json.loads((dataset / "cmbdetect" / "reviews" / f"{case}.json").read_text(encoding="utf-8"))
+        cases.append((case, image, dataset / "cmbdetect" / "instances" / f"{case}.nii.gz", review["modality"]))
+    return cases
+
+
+def calibrate(model_dir: Path, dev_dir: Path = Path("build/evaluation_dev/dev"), per_cell: int = 2,
+              max_fp_per_scan: float = 1.0, device: str = "cpu") -> dict:
+    start = time.perf_counter()
+    make_test_set(dev_dir, per_cell, DEV_SEED)
+    model = ModelPackage.load(str(model_dir))
+    grid = CalibrationGrid()
+    scans = collect(model, development_cases(dev_dir, per_cell), grid, device=device, progress=text_progress())
+    points = sweep(scans, grid)
+    chosen = choose(points, max_fp_per_scan, default_th_det=float(model.thresholds.get("th_det", 0.5)))
+    record = write_calibration(
+        model_dir, chosen, points, scans, max_fp_per_scan=max_fp_per_scan,
+        description={"generator": "cmbdetect synth", "seed": DEV_SEED, "per_cell": per_cell,
+                     "cells": "swi / t2s / qsm x slices 1 / 3 / 5 mm, in-plane 0.6-1.0 mm",
+                     "cmbs_per_scan": f"{MIN_CMBS}-30"})
+    paper = record["at_training_threshold_and_paper_filters"]
+    print(f"{model.label}: chosen {chosen.to_dict()}")
+    if paper:
+        print(f"  (training threshold + paper filters: TPR {paper['tpr']:.3f} at {paper['fp_per_scan']:.2f} FP/scan)")
+    print(f"  calibrated on {len(scans)} development scans in {time.perf_counter() - start:.0f} s")
+    return record
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="model package folder (its model.json is updated)")
+    parser.add_argument("--dev", default="build/evaluation_dev/dev", help="development dataset folder")
+    parser.add_argument("--per-cell", type=int, default=2)
+    parser.add_argument("--max-fp", type=float, default=1.0, help="false positives per scan allowed")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    calibrate(Path(args.model), Path(args.dev), args.per_cell, args.max_fp, args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
