@@ -79,7 +79,7 @@ def test_calibration_of_a_real_model_on_real_files(tmp_path, tiny_model):
     cases = [(image.name[:-12], image, dataset / "cmbdetect" / "instances" / image.name.replace("_0000", ""),
               "swi") for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))]
     grid = CalibrationGrid(th_det=(0.4, 0.5), th_disc=(0.1, 0.5, 0.9))
-    scans = collect(tiny_model, cases, grid)
+    scans = collect(tiny_model, cases, grid)[False]
     assert [s.n_gt for s in scans] == [3, 3]
     assert all(set(s.by_th_det) == {0.4, 0.5} for s in scans)
     points = sweep(scans, grid)
@@ -101,3 +101,45 @@ def test_calibration_of_a_real_model_on_real_files(tmp_path, tiny_model):
     params = DetectionParameters.for_model(reloaded)
     assert (params.th_det, params.th_disc, params.max_ellipticity) == (chosen.th_det, chosen.th_disc,
                                                                        chosen.max_ellipticity)
+
+
+def test_student_test_time_flips_are_orientation_invariant():
+    import torch
+
+    from CMBDetectLib.networks.discriminator import student_probabilities
+
+    torch.manual_seed(0)
+    student = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 6 ** 3, 2))
+    x = torch.randn(4, 2, 8, 8, 8)
+    with torch.inference_mode():
+        plain = student_probabilities(student, x)
+        flipped_input = student_probabilities(student, x.flip((2, 4)))
+        averaged = student_probabilities(student, x, flips=True)
+        averaged_flipped = student_probabilities(student, x.flip((2, 4)), flips=True)
+        by_hand = torch.stack([torch.softmax(student(x.flip(d) if d else x), 1)[:, 1]
+                               for d in ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))]).mean(0)
+    assert not torch.allclose(plain, flipped_input, atol=1e-4)   # the network alone depends on orientation
+    assert torch.allclose(averaged, averaged_flipped, atol=1e-6)   # the 8-view average does not
+    assert torch.allclose(averaged, by_hand, atol=1e-6)
+
+
+def test_a_session_rescored_with_flips_uses_the_8_view_average(tiny_model, phantom_volume):
+    import torch
+
+    from CMBDetectLib.candidates import extract_patches
+    from CMBDetectLib.networks.discriminator import student_probabilities
+    from CMBDetectLib.pipeline import DetectionSession
+
+    assert tiny_model.student_flips is False                 # models without the key: no flips
+    session = DetectionSession(tiny_model, device="cpu")
+    params = DetectionParameters.for_model(tiny_model, th_det=0.3, th_disc=0.0)
+    plain = session.run(phantom_volume.image, "swi", params=params)
+    session.set_student_flips(True)
+    flipped = session.refilter(params)
+    assert plain.candidates and [c.id for c in plain.candidates] == [c.id for c in flipped.candidates]
+    # the phantom's grid is coarser than 0.8 mm, so the working grid is the input grid
+    centres = np.array([np.round(c.centroid_ijk[::-1]) for c in flipped.candidates])
+    patches = torch.from_numpy(extract_patches(session.features.channels, centres, 24).astype(np.float32))
+    with torch.inference_mode():
+        expected = student_probabilities(tiny_model.network("student"), patches, flips=True).numpy()
+    assert np.allclose([c.p_disc for c in flipped.candidates], expected, atol=1e-5)

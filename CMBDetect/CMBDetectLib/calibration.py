@@ -132,6 +132,11 @@ def sweep(scans: Sequence[ScanCandidates], grid: CalibrationGrid) -> list[Operat
     return points
 
 
+def better(a: OperatingPoint, b: OperatingPoint) -> bool:
+    """``a`` beats ``b`` under the objective of :func:`choose` (more found, then fewer false positives)."""
+    return (a.tp, -a.fp) > (b.tp, -b.fp)
+
+
 def _distance_from_paper(point: OperatingPoint, default_th_det: float) -> float:
     return (abs(point.th_det - default_th_det) + abs(point.max_ellipticity - PAPER.max_ellipticity)
             + abs(point.min_volume_mm3 - PAPER.min_volume_mm3) / PAPER.min_volume_mm3
@@ -150,13 +155,16 @@ def choose(points: Sequence[OperatingPoint], max_fp_per_scan: float = 1.0,
 
 
 def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], grid: CalibrationGrid,
-            device: str = "cpu", progress: ProgressCallback | None = None) -> list[ScanCandidates]:
-    """Run the model once on each ``(case, image, instance_or_label_map, modality)`` and measure it."""
+            device: str = "cpu", progress: ProgressCallback | None = None,
+            flip_options: Sequence[bool] = (False,)) -> dict[bool, list[ScanCandidates]]:
+    """Run the model once on each ``(case, image, instance_or_label_map, modality)`` and measure its
+    candidates, for each student test-time-flip setting in ``flip_options`` (the networks' stage 1 runs
+    once per scan; only the student re-scores)."""
     from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
     from CMBDetectLib.volume import read_volume
 
     report = progress or no_progress
-    scans = []
+    scans: dict[bool, list[ScanCandidates]] = {bool(flips): [] for flips in flip_options}
     for index, (case, image, ground_truth, modality) in enumerate(cases):
         report(index / max(len(cases), 1), f"calibration: {case}")
         volume = read_volume(image)
@@ -165,17 +173,25 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
             raise InputError(f"{ground_truth.name} is not on the grid of {image.name}")
         session = DetectionSession(model, device=device)
         session.run(volume, modality, params=DetectionParameters.for_model(model, th_det=min(grid.th_det)))
-        scans.append(measure_scan(session, truth.array.astype(np.int64), truth, case, grid.th_det))
-    report(1.0, f"calibration: {len(scans)} scans measured")
+        for flips in scans:
+            session.set_student_flips(flips)
+            scans[flips].append(measure_scan(session, truth.array.astype(np.int64), truth, case, grid.th_det))
+    report(1.0, f"calibration: {len(cases)} scans measured")
     return scans
 
 
 def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequence[OperatingPoint],
-                      scans: Sequence[ScanCandidates], description: dict, max_fp_per_scan: float) -> dict:
-    """Put the chosen operating point into ``model.json`` (thresholds + post-processing + a record)."""
+                      scans: Sequence[ScanCandidates], description: dict, max_fp_per_scan: float,
+                      student_flips: bool = False, alternatives: dict | None = None) -> dict:
+    """Put the chosen operating point into ``model.json`` (thresholds + post-processing + test-time
+    flips + a record of how they were chosen); ``alternatives``: what the other settings achieved."""
     manifest_path = Path(package_dir) / "model.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    before = {"thresholds": manifest.get("thresholds"), "postprocessing": manifest.get("postprocessing")}
+    # a re-calibration keeps the training-time values as "before"
+    before = (manifest.get("calibration") or {}).get("before") or {
+        "thresholds": manifest.get("thresholds"), "postprocessing": manifest.get("postprocessing"),
+        "inference": manifest.get("inference")}
+    manifest["inference"] = {**(manifest.get("inference") or {}), "student_flips": bool(student_flips)}
     manifest["thresholds"] = {"th_det": chosen.th_det, "th_disc": chosen.th_disc}
     manifest["postprocessing"] = {"min_volume_mm3": chosen.min_volume_mm3,
                                   "max_ellipticity": chosen.max_ellipticity,
@@ -197,6 +213,7 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "grid_points": len(points),
         "best_within": {f"{budget:g}_fp_per_scan": choose(points, budget).to_dict()
                         for budget in FRONTIER_BUDGETS},
+        "student_flips": bool(student_flips), "alternatives": alternatives or {},
     }
     manifest["calibration"] = record
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")

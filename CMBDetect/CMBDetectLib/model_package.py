@@ -93,6 +93,11 @@ class ModelPackage:
         return dict(self.manifest.get("postprocessing", {}))
 
     @property
+    def student_flips(self) -> bool:
+        """Test-time flips for the student (``inference.student_flips``; chosen by calibration)."""
+        return bool((self.manifest.get("inference") or {}).get("student_flips", False))
+
+    @property
     def preprocessing(self) -> dict:
         return dict(self.manifest.get("preprocessing", {}))
 

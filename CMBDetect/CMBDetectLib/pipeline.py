@@ -176,6 +176,7 @@ class DetectionSession:
         self._student = None
         self._input_reference: Volume | None = None
         self.model_info: dict = model.info() if model is not None else {}
+        self.student_flips = model.student_flips if model is not None else False
 
     # ------------------------------------------------------------------ running
     def _check_cancel(self) -> None:
@@ -296,9 +297,18 @@ class DetectionSession:
             self._ids[peak] = len(self._ids) + 1
         return self._ids[peak]
 
+    def set_student_flips(self, flips: bool) -> None:
+        """Score candidates with (or without) test-time flips from now on; forgets the cached scores."""
+        if bool(flips) != self.student_flips:
+            self.student_flips = bool(flips)
+            self._scores.clear()
+            self._extractions.clear()
+
     def _score(self, centres: list[tuple[int, int, int]]) -> None:
         """Student probability for patches centred on ``centres`` (only ones never scored before)."""
         import torch
+
+        from CMBDetectLib.networks.discriminator import student_probabilities
 
         if self._student is None:
             if self.model is None or self.features.channels is None:
@@ -309,8 +319,9 @@ class DetectionSession:
             chunk = centres[start:start + 256]
             patches = extract_patches(self.features.channels, np.asarray(chunk, dtype=float), size=size)
             with torch.inference_mode():
-                logits = student(torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)))
-                probabilities = torch.softmax(logits.float(), dim=1)[:, 1].numpy()
+                probabilities = student_probabilities(
+                    student, torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
+                    flips=self.student_flips).numpy()
             for centre, probability in zip(chunk, probabilities):
                 self._scores[centre] = float(probability)
 

@@ -62,3 +62,23 @@ class StudentNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.arm(self.encoder(x)[2])
+
+
+# The 8 mirror images of a 3D patch (each subset of the three spatial axes of [B, C, D, H, W]).
+FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+
+
+def student_probabilities(student: nn.Module, patches: torch.Tensor, flips: bool = False) -> torch.Tensor:
+    """CMB probability ``[B]`` of candidate-centred patches ``[B, C, P, P, P]``.
+
+    ``flips``: average the softmax over the 8 mirror images of each patch (test-time augmentation). A
+    CMB, a vein or a calcification is the same object mirrored about its centre, so this only removes
+    the network's orientation-specific noise; it costs 8 student passes, on a few hundred patches per scan.
+    """
+    views = FLIP_DIMS if flips else ((),)
+    total = None
+    for dims in views:
+        logits = student(patches.flip(dims) if dims else patches)
+        probability = torch.softmax(logits.float(), dim=1)[:, 1]
+        total = probability if total is None else total + probability
+    return total / len(views)
