@@ -174,6 +174,7 @@ class DetectionSession:
         self._ids: dict[tuple[int, int, int], int] = {}
         self._extractions: dict[float, _Extraction] = {}
         self._student = None
+        self._student_device = "cpu"      # the stage-1 device once run() chose one (a loaded session: CPU)
         self._input_reference: Volume | None = None
         self.model_info: dict = model.info() if model is not None else {}
         self.student_flips = model.student_flips if model is not None else False
@@ -220,6 +221,7 @@ class DetectionSession:
         self.progress(0.45, f"stage 1: candidate detection on {self.device_used}")
         start = time.perf_counter()
         network = self.model.network("stage1", device)
+        self._student_device = device
         patch_mask = self._evidence_mask()
 
         def stage1(batch_size: int, run_device) -> np.ndarray:
@@ -313,15 +315,16 @@ class DetectionSession:
         if self._student is None:
             if self.model is None or self.features.channels is None:
                 raise ModelError("new candidates need the student network, but this session has no model")
-            self._student = (self.model.network("student", "cpu"), self.model.patch_size("student"))
+            self._student = (self.model.network("student", self._student_device), self.model.patch_size("student"))
         student, size = self._student
+        device = next(student.parameters()).device
         for start in range(0, len(centres), 256):
             chunk = centres[start:start + 256]
             patches = extract_patches(self.features.channels, np.asarray(chunk, dtype=float), size=size)
             with torch.inference_mode():
                 probabilities = student_probabilities(
-                    student, torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)),
-                    flips=self.student_flips).numpy()
+                    student, torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32)).to(device),
+                    flips=self.student_flips).cpu().numpy()
             for centre, probability in zip(chunk, probabilities):
                 self._scores[centre] = float(probability)
 
