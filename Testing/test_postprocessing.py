@@ -179,3 +179,22 @@ def test_edge_distance_is_in_millimetres():
     assert distance[5, 5, 15] == pytest.approx(3.2)        # 4 in-plane voxels < 2 slices (6 mm)
     full = edge_distance_mm(np.ones((5, 5, 5), bool), ISO)          # no boundary inside: the image border
     assert np.isfinite(full).all() and full[2, 2, 2] == pytest.approx(3 * 0.8) and full[0, 2, 2] == 0.8
+
+
+def test_the_vectorised_filter_agrees_with_removal_reason():
+    from CMBDetectLib.postprocessing import (
+        CandidateShape,
+        PostprocessingParameters,
+        passes_shape_filters,
+        removal_reason,
+    )
+
+    params = PostprocessingParameters()
+    # 5 voxels x 0.512 mm^3 is exactly the paper's minimum, whatever the float rounding
+    volumes = np.array([5 * 0.8 ** 3, 2.0, 10.0, 10.0, 10.0])
+    ellipticities = np.array([0.0, 0.0, 0.2, 0.21, 0.0])
+    edges = np.array([5.0, 5.0, 5.0, 5.0, 3.9])
+    mask = passes_shape_filters(volumes, ellipticities, edges, params)
+    expected = [removal_reason(CandidateShape(i, v, e, d), params) is None
+                for i, (v, e, d) in enumerate(zip(volumes, ellipticities, edges))]
+    assert mask.tolist() == expected == [True, False, True, False, False]

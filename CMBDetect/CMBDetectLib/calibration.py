@@ -25,7 +25,7 @@ import numpy as np
 
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.model_package import ModelPackage
-from CMBDetectLib.postprocessing import PostprocessingParameters
+from CMBDetectLib.postprocessing import PostprocessingParameters, passes_shape_filters
 from CMBDetectLib.progress import ProgressCallback, no_progress
 from CMBDetectLib.volume import atomic_write_text
 
@@ -117,9 +117,9 @@ def sweep(scans: Sequence[ScanCandidates], grid: CalibrationGrid) -> list[Operat
         tables = [scan.by_th_det[float(th_det)] for scan in scans]
         for min_volume, max_ellipticity, min_edge in itertools.product(
                 grid.min_volume_mm3, grid.max_ellipticity, grid.min_edge_distance_mm):
-            # same rules as postprocessing.removal_reason
-            shape_ok = [(t.volume_mm3 >= min_volume) & (t.ellipticity <= max_ellipticity)
-                        & (t.edge_distance_mm >= min_edge) for t in tables]
+            limits = PostprocessingParameters(min_volume, max_ellipticity, min_edge)
+            shape_ok = [passes_shape_filters(t.volume_mm3, t.ellipticity, t.edge_distance_mm, limits)
+                        for t in tables]
             for th_disc in grid.th_disc:
                 tp = fp = 0
                 for table, ok in zip(tables, shape_ok):

@@ -188,6 +188,14 @@ def removal_reason(shape: CandidateShape, params: PostprocessingParameters) -> s
     return None
 
 
+def passes_shape_filters(volume_mm3: np.ndarray, ellipticity: np.ndarray, edge_distance_mm: np.ndarray,
+                         params: PostprocessingParameters) -> np.ndarray:
+    """Vectorised :func:`removal_reason` ``is None`` (same rules, same tolerance) for many candidates."""
+    return ((np.asarray(volume_mm3) >= params.min_volume_mm3 * (1.0 - _TOLERANCE))
+            & (np.asarray(ellipticity) <= params.max_ellipticity + _TOLERANCE)
+            & (np.asarray(edge_distance_mm) >= params.min_edge_distance_mm * (1.0 - _TOLERANCE)))
+
+
 def apply_postprocessing(candidates: Sequence[Candidate], labels: np.ndarray,
                          brain_mask_distance_mm: np.ndarray, spacing_zyx: Sequence[float],
                          params: PostprocessingParameters | None = None,
