@@ -89,6 +89,14 @@ def generate(out: Path, n: int, seed: int, in_plane: tuple[float, float], min_cm
     subprocess.run(command, check=True)
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    """Both packages list the same networks with the same weight sha256 (their model.json may differ in dates)."""
+    def digests(path: Path) -> dict:
+        networks = json.loads((path / "model.json").read_text(encoding="utf-8"))["networks"]
+        return {role: spec["sha256"] for role, spec in networks.items()}
+    return digests(a) == digests(b)
+
+
 def train_ablation(data: Path, work: Path, config: dict, quick: bool) -> Path:
     """The paper's ablation: the same student network trained without the teacher (CE loss only).
 
@@ -147,13 +155,18 @@ def main() -> int:
     target = bundled_models_dir() / package.path.name
     if not args.quick:
         calibrate(package.path)
+    status = 0
     if args.quick:
         print(f"quick model (not installed): {package.path}")
+    elif target.exists() and not args.force:
+        if same_weights(package.path, target):
+            print(f"reproduced: every weight file is identical (sha256) to the installed {target}")
+        else:
+            print(f"{target} exists and its weights differ from this run's ({package.path}); "
+                  "not replaced: rerun with --force to replace it", file=sys.stderr)
+            status = 1
     else:
         if target.exists():
-            if not args.force:
-                print(f"{target} exists; rerun with --force to replace it", file=sys.stderr)
-                return 1
             shutil.rmtree(target)
         shutil.copytree(package.path, target)
         print(f"installed {target}")
@@ -162,8 +175,9 @@ def main() -> int:
     sizes = {p.name: p.stat().st_size for p in package.path.glob("*.pt")}
     print(f"weights: {', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in sizes.items())} "
           f"(total {sum(sizes.values()) / 1e6:.2f} MB)")
-    print(f"thresholds: {package.thresholds}; total time {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+    thresholds = json.loads((package.path / "model.json").read_text(encoding="utf-8"))["thresholds"]
+    print(f"thresholds (after calibration): {thresholds}; total time {(time.perf_counter() - start) / 60:.1f} min")
+    return status
 
 
 if __name__ == "__main__":
