@@ -224,6 +224,18 @@ def test_fine_tuning_from_an_existing_package(dataset: Path, cache: Path, tmp_pa
         base.manifest["networks"]["teacher"]["sha256"]
 
 
+def test_a_fine_tuned_model_keeps_its_parents_test_time_flips(dataset: Path, cache: Path, tmp_path: Path) -> None:
+    from CMBDetectLib.model_package import ModelPackage
+
+    base = train_model([dataset], tmp_path / "base", tiny_config(cache), seed=1)
+    assert base.student_flips is False and "inference" in base.manifest   # a new model records its choice
+    manifest = json.loads((tmp_path / "base" / "model.json").read_text())
+    manifest["inference"] = {"student_flips": True}                   # what calibration writes
+    (tmp_path / "base" / "model.json").write_text(json.dumps(manifest))
+    tuned = train_model([dataset], tmp_path / "tuned", tiny_config(cache), seed=1, init_model=tmp_path / "base")
+    assert tuned.student_flips is True and ModelPackage.load(tmp_path / "tuned").student_flips is True
+
+
 def test_training_config_round_trips_and_rejects_unknown_options() -> None:
     from CMBDetectLib.training import TrainingConfig
 

@@ -160,7 +160,7 @@ class ModelPackage:
     def save(cls, out_dir: str | os.PathLike, *, name: str, version: str, networks: dict[str, NetworkSpec],
              preprocessing: dict, thresholds: dict, postprocessing: dict, training: dict | None = None,
              metrics: dict | None = None, description: str = "", modalities: tuple = ("swi", "t2s", "qsm"),
-             ) -> ModelPackage:
+             inference: dict | None = None) -> ModelPackage:
         """Write a new package folder atomically; an existing folder is never overwritten."""
         import torch
 
@@ -190,6 +190,8 @@ class ModelPackage:
                 "networks": manifest_networks, "thresholds": thresholds, "postprocessing": postprocessing,
                 "training": training or {}, "metrics": metrics or {},
             }
+            if inference:
+                manifest["inference"] = inference
             (staging / "model.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             os.replace(staging, out_dir)
         except BaseException:

@@ -142,12 +142,16 @@ def train_student_stage(student: StudentNet, teacher: nn.Module | None, cases: l
 
 
 def score_items(student: nn.Module, cases: list[TrainingCase], items: list[PatchItem], patch_size: int,
-                device: torch.device) -> np.ndarray:
-    """Student CMB probability of every item (unaugmented patches)."""
+                device: torch.device, flips: bool = False) -> np.ndarray:
+    """Student CMB probability of every item (unaugmented patches; ``flips``: the 8-view average that the
+    pipeline uses for a model with ``inference.student_flips``)."""
+    from CMBDetectLib.networks.discriminator import student_probabilities
+
     x, _ = CandidateSampler(cases, items, patch_size).all_patches()
     if len(x) == 0:
         return np.zeros(0)
     student.to(device).eval()
     with torch.no_grad():
-        logits = torch.cat([student(_tensor(x[a:a + 64], device)) for a in range(0, len(x), 64)])
-    return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        scores = [student_probabilities(student, _tensor(x[a:a + 64], device), flips)
+                  for a in range(0, len(x), 64)]
+    return torch.cat(scores).cpu().numpy()

@@ -244,7 +244,9 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     # ---- thresholds and validation metrics
     report(0.96, "choosing the discrimination threshold")
     validation_candidates = [i for i in candidates if i.case in validation_set]
-    scores = score_items(student, cases, validation_candidates, settings.student.patch_size, device)
+    # A fine-tuned model keeps its parent's test-time flips, and its th_disc is chosen the way it will be used.
+    flips = base.student_flips if base is not None else False
+    scores = score_items(student, cases, validation_candidates, settings.student.patch_size, device, flips)
     touched = [[(i.case, cmb) for cmb in i.cmbs] for i in validation_candidates]
     n_cmbs = sum(cases[i].n_cmbs for i in validation_ids)
     if settings.th_disc is None:
@@ -287,7 +289,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     package = ModelPackage.save(
         out_dir, name=settings.name, version=version, networks=networks, preprocessing=preprocessing,
         thresholds={"th_det": settings.th_det, "th_disc": th_disc}, postprocessing=postprocessing,
-        training=training, metrics=metrics, modalities=modalities,
+        training=training, metrics=metrics, modalities=modalities, inference={"student_flips": flips},
         description=settings.description or f"trained on {len(cases)} scans ({', '.join(modalities)})")
     log("package_saved", path=str(out_dir), th_disc=th_disc, seconds=training["seconds"])
     report(1.0, f"model saved to {out_dir}")
