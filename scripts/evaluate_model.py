@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from CMBDetectLib.baseline import detect_baseline
-from CMBDetectLib.evaluate import STAGE_TITLES, evaluate, write_froc_png
+from CMBDetectLib.evaluate import CMB_FATES, STAGE_TITLES, evaluate, write_froc_png
 from CMBDetectLib.features import compute_features
 from CMBDetectLib.metrics import plot_froc, summarise
 from CMBDetectLib.model_package import ModelPackage
@@ -155,7 +155,7 @@ def operating_point(model: ModelPackage) -> str:
 
 def removal_table(report) -> list[str]:
     summary = report.removal_summary()
-    columns = ("not a candidate", "discrimination", "volume", "ellipticity", "edge_distance", "kept")
+    columns = CMB_FATES
     return ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|",
             "| true CMBs | " + " | ".join(str(summary["cmbs"].get(c, 0)) for c in columns) + " |",
             "| false candidates | - | " + " | ".join(str(summary["false_candidates"].get(c, 0))

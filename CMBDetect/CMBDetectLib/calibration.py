@@ -132,9 +132,14 @@ def sweep(scans: Sequence[ScanCandidates], grid: CalibrationGrid) -> list[Operat
     return points
 
 
+def _objective(point: OperatingPoint) -> tuple[int, int]:
+    """Smaller is better: more CMBs found, then fewer false positives."""
+    return (-point.tp, point.fp)
+
+
 def better(a: OperatingPoint, b: OperatingPoint) -> bool:
-    """``a`` beats ``b`` under the objective of :func:`choose` (more found, then fewer false positives)."""
-    return (a.tp, -a.fp) > (b.tp, -b.fp)
+    """``a`` beats ``b`` under the objective of :func:`choose`."""
+    return _objective(a) < _objective(b)
 
 
 def _distance_from_paper(point: OperatingPoint, default_th_det: float) -> float:
@@ -151,7 +156,7 @@ def choose(points: Sequence[OperatingPoint], max_fp_per_scan: float = 1.0,
     allowed = [p for p in points if p.fp_per_scan <= max_fp_per_scan + 1e-9]
     if not allowed:                                   # budget unreachable: the fewest false positives
         allowed = [min(points, key=lambda p: (p.fp, -p.tp))]
-    return min(allowed, key=lambda p: (-p.tp, p.fp, _distance_from_paper(p, default_th_det), -p.th_disc))
+    return min(allowed, key=lambda p: (*_objective(p), _distance_from_paper(p, default_th_det), -p.th_disc))
 
 
 def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], grid: CalibrationGrid,
