@@ -187,6 +187,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.thresholdTimer.setSingleShot(True)
         self.thresholdTimer.setInterval(30)
         self.thresholdTimer.connect("timeout()", self.applyThresholds)
+        # A Th_Cdet change shows new candidates at once with a one-view student score; their real
+        # (test-time-flipped) score is then computed a few candidates per event-loop turn.
+        self.refineTimer = qt.QTimer()
+        self.refineTimer.setInterval(0)
+        self.refineTimer.connect("timeout()", self.onRefineScores)
 
         self.populateModels()
         settings = qt.QSettings()
@@ -221,6 +226,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.logic.cancelDetection()
         self.pollTimer.stop()
+        self.refineTimer.stop()
         self.removeObservers()
         for shortcut in self._shortcuts:
             shortcut.setParent(None)
@@ -466,7 +472,28 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to apply the thresholds.")):
             self._appliedThresholds = self.currentThresholds()
-            self.logic.setParameters(self.logic.parametersFromNode(self._parameterNode))
+            self.logic.setParameters(self.logic.parametersFromNode(self._parameterNode), preview=True)
+        self.refreshReview()
+        if self.logic.reviewSession is not None and self.logic.reviewSession.provisional:
+            self.refineTimer.start()
+
+    def onRefineScores(self) -> None:
+        session = self.logic.reviewSession
+        if session is None or self.logic.isDetecting():
+            self.refineTimer.stop()
+            return
+        if self.thresholdTimer.isActive():   # the slider is still moving: its next step restarts this
+            return
+        remaining = 0
+        with slicer.util.tryWithErrorDisplay(_("Failed to score the new candidates.")):
+            from CMBDetectLib.pipeline import REFINE_CHUNK
+
+            remaining = self.logic.refineScores(REFINE_CHUNK)
+        if remaining:
+            self.ui.statusLabel.text = _("Scoring {count} new candidates...").format(count=remaining)
+            return
+        self.refineTimer.stop()
+        self.ui.statusLabel.text = ""
         self.refreshReview()
 
     # ------------------------------------------------------------------ review
@@ -916,8 +943,13 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             raise RuntimeError(_("No detection result to review: run Detect or resume a review first."))
         return self.reviewSession
 
-    def setParameters(self, parameters):
-        return self._session().set_parameters(parameters)
+    def setParameters(self, parameters, preview: bool = False):
+        """Re-threshold the review; ``preview``: new candidates get a quick score, see refineScores."""
+        return self._session().set_parameters(parameters, preview=preview)
+
+    def refineScores(self, limit: int) -> int:
+        """Real student scores for up to ``limit`` previewed candidates; 0 when all are done."""
+        return self._session().refine_scores(limit)
 
     def setThresholds(self, thDet=None, thDisc=None, minVolumeMm3=None, maxEllipticity=None,
                       minEdgeDistanceMm=None):

@@ -262,3 +262,33 @@ def test_session_from_the_command_line_is_reviewed_in_the_scene(engine_case, sli
         resumed.review.get(kept["added"]).decision is Decision.ADDED
     scene2.Clear(1)
     print(f"CLI detection (subprocess, incl. start-up) {seconds:.1f} s")
+
+
+def test_th_det_preview_in_the_review_refines_to_the_real_scores(engine_case, slicer_scene, tmp_path, tiny_model):
+    """A Th_Cdet drag with test-time flips: one-view scores at once, the real ones a few at a time, and a
+    save in between never writes a preview score."""
+    cache = engine_case.session.save(tmp_path / "synth_session.npz")
+
+    def flipped_session() -> DetectionSession:
+        session = DetectionSession.load(cache, model=tiny_model)
+        session.set_student_flips(True)
+        return session
+
+    detection = flipped_session()
+    node = load_volume_node(slicer_scene.scene, engine_case.image_path, "synth_swi")
+    review = ReviewSession.create(node, detection.refilter(engine_case.params), "swi", case="synth",
+                                  detection_session=detection)
+    lower = replace_parameters(engine_case.params, th_det=threshold_above(detection.probability, 80))
+    review.set_parameters(lower, preview=True)
+    new = review.provisional
+    assert new >= 2, "a lower Th_Cdet must bring candidates never scored"
+    assert review.refine_scores(limit=1) == new - 1 == review.provisional
+    reference = flipped_session()
+    reference.refilter(engine_case.params)
+    expected = {c.id: round(c.p_disc, 4) for c in reference.refilter(lower).candidates}
+    review.save(tmp_path / "review", case="synth")                   # finishes the scoring first
+    assert review.provisional == 0 and review.refine_scores() == 0
+    saved = json.loads((tmp_path / "review" / "synth_candidates.json").read_text())
+    assert {c["id"]: c["p_disc"] for c in saved["candidates"]} == expected
+    rows = {int(row["id"]): float(row["p_disc"]) for row in review.table_rows()}
+    assert rows and all(abs(value - expected[cmb_id]) < 1e-3 for cmb_id, value in rows.items())

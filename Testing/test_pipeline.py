@@ -65,6 +65,43 @@ def test_th_det_change_scores_only_new_candidates_and_keeps_ids(session_and_resu
         assert candidate.p_disc == pytest.approx(before[candidate.id].p_disc)
 
 
+def test_th_det_preview_scores_new_candidates_once_then_refines_to_the_real_scores(tiny_model, phantom_volume):
+    params = DetectionParameters(th_det=0.3, th_disc=0.5)
+    real = DetectionSession(tiny_model, device="cpu")
+    real.set_student_flips(True)
+    expected = real.run(phantom_volume.image, "swi", params=params)
+    if not expected.candidates:
+        pytest.skip("random network produced no candidate")
+
+    session = DetectionSession(tiny_model, device="cpu")
+    session.run(phantom_volume.image, "swi", params=params)
+    session.set_student_flips(True)           # forgets every score: all candidates are new again
+    views = []
+    original = session._score
+
+    def counting(centres, preview=False):
+        views.append((len(centres), preview))
+        return original(centres, preview=preview)
+
+    session._score = counting
+    preview = session.refilter(params, preview=True)
+    n = len(expected.candidates)
+    assert preview.provisional == n == session.provisional_count(0.3) and views == [(n, True)]
+    assert session.refilter(params, preview=True).provisional == n and len(views) == 1   # nothing re-scored
+    assert session.score_provisional(0.3, limit=1) == n - 1
+    while session.score_provisional(0.3, limit=2):
+        pass
+    assert session.provisional_count(0.3) == 0
+    final = session.refilter(params)
+    assert final.provisional == 0
+    key = lambda c: c.centroid_ijk  # noqa: E731 - ids differ between sessions, centroids do not
+    assert [(c.p_disc, c.final) for c in sorted(final.candidates, key=key)] == \
+        [(c.p_disc, c.final) for c in sorted(expected.candidates, key=key)]
+    # without test-time flips a preview is already the real score
+    session.set_student_flips(False)
+    assert session.refilter(params, preview=True).provisional == 0
+
+
 def test_postprocessing_reasons_follow_parameters(session_and_result):
     session, _ = session_and_result
     huge = session.refilter(DetectionParameters(th_det=0.3, th_disc=0.0, min_volume_mm3=1e9))

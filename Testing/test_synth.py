@@ -256,3 +256,20 @@ def test_cli_into_real_scan(tmp_path):
 def test_cli_rejects_bad_arguments(tmp_path):
     done = _run_cli("--out", str(tmp_path / "x"), "--min-cmbs", "5", "--max-cmbs", "2", timeout=60)
     assert done.returncode == 1 and "error" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_balanced_modality_takes_each_in_turn(tmp_path):
+    from CMBDetectLib.commands.synth import _modality_for
+
+    assert [_modality_for(5, i, "balanced") for i in range(6)] == ["swi", "t2s", "qsm"] * 2
+    # the same (seed, index, modality) is the same case whichever mode chose the modality
+    out = tmp_path / "balanced"
+    done = _run_cli("--out", str(out), "--n", "3", "--start-index", "4", "--seed", "7", "--modality", "balanced",
+                    "--anatomy", "procedural", "--anatomy-spacing", "2", "--slice-thickness", "3",
+                    "--in-plane", "1.0", "1.0", "--min-cmbs", "1", "--max-cmbs", "2")
+    assert done.returncode == 0, done.stderr
+    cases = json.loads((out / "dataset.json").read_text())["cmbdetect"]["cases"]
+    assert sorted(cases) == ["synth_qsm_00005", "synth_swi_00006", "synth_t2s_00004"]
+    from CMBDetectLib.dataset import validate_dataset
+
+    assert validate_dataset(out) == []

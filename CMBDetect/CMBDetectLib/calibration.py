@@ -35,7 +35,7 @@ FRONTIER_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)      # recorded: what each false-p
 
 @dataclass(frozen=True)
 class CalibrationGrid:
-    th_det: tuple[float, ...] = (0.3, 0.4, 0.5)
+    th_det: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     th_disc: tuple[float, ...] = tuple(round(v, 2) for v in np.arange(0.05, 0.96, 0.05)) + (0.97, 0.99)
     min_volume_mm3: tuple[float, ...] = (0.0, PAPER.min_volume_mm3)
     max_ellipticity: tuple[float, ...] = (PAPER.max_ellipticity, 0.3, 0.4, 0.5, 1.0)

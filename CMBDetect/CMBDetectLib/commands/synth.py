@@ -15,6 +15,7 @@ HELP = ("Generate synthetic SWI / T2*-GRE / QSM scans with cerebral microbleeds 
         "or insert synthetic CMBs into a real scan (--into).")
 
 MIXED_WEIGHTS = {"swi": 0.5, "t2s": 0.3, "qsm": 0.2}
+BALANCED_ORDER = ("swi", "t2s", "qsm")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     parser.add_argument("--start-index", type=int, default=0, metavar="I",
                         help="index of the first case (to extend a dataset reproducibly)")
-    parser.add_argument("--modality", choices=["swi", "t2s", "qsm", "mixed"], default="mixed",
-                        help="image type; mixed draws one per case (default)")
+    parser.add_argument("--modality", choices=["swi", "t2s", "qsm", "mixed", "balanced"], default="mixed",
+                        help="image type; mixed draws one per case (50 %% SWI, 30 %% T2*, 20 %% QSM; default), "
+                             "balanced takes SWI, T2*, QSM in turn (case index modulo 3)")
     parser.add_argument("--slice-thickness", type=float, default=None, metavar="MM",
                         help="fixed slice thickness (default: random 1-5 mm)")
     parser.add_argument("--in-plane", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"),
@@ -45,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _modality_for(seed: int, index: int, requested: str) -> str:
+    if requested == "balanced":
+        return BALANCED_ORDER[index % len(BALANCED_ORDER)]
     if requested != "mixed":
         return requested
     import numpy as np
@@ -108,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
               {"type": "case", "case": identifier, "modality": modality, "cmbs": len(case.cmbs),
                "mimics": len(case.mimics), "spacing": list(case.image.spacing), "seconds": round(seconds, 3),
                "fraction": round(done / max(args.n, 1), 4)})
-    dataset_modality = args.modality
+    dataset_modality = "mixed" if args.modality == "balanced" else args.modality
     write_dataset_json(out, dataset_modality)
     elapsed = time.perf_counter() - started
     _emit(args, f"wrote {args.n} cases ({total_cmbs} CMBs) to {out} in {elapsed:.1f} s",
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_into(args: argparse.Namespace) -> int:
     from CMBDetectLib.synth.insert import insert_cmbs_into_file
 
-    modality = args.modality if args.modality != "mixed" else None
+    modality = args.modality if args.modality not in ("mixed", "balanced") else None
     started = time.perf_counter()
     result = insert_cmbs_into_file(args.into, args.out, n_cmbs=args.n_cmbs, modality=modality,
                                    mask_path=args.mask, seed=args.seed)

@@ -54,6 +54,7 @@ class ReviewSession:
         self.review = review
         self.detection_session = detection_session
         self.result = result
+        self.provisional = 0    # candidates shown with a one-view preview score (set_parameters preview=True)
         self.current_id: int | None = None
         # The detection cache (``<stem>_session.npz``) this review re-thresholds from; copied next to a saved
         # review so that a resumed review can still move thresholds without re-running the networks.
@@ -273,12 +274,31 @@ class ReviewSession:
             segments.set_tags(segment, self.regions[entry.id])
         segments.apply_decision(segment, entry.decision)
 
-    def set_parameters(self, parameters) -> dict[str, int]:
-        """New thresholds / post-processing: re-filter from the cached networks' output and apply in place."""
+    def set_parameters(self, parameters, preview: bool = False) -> dict[str, int]:
+        """New thresholds / post-processing: re-filter from the cached networks' output and apply in place.
+
+        ``preview`` (while a slider is dragged): new candidates get a quick one-view student score; then call
+        :meth:`refine_scores` until it returns 0 so that they get the model's real score.
+        """
         if self.detection_session is None:
             raise InputError("thresholds cannot change: this review has no cached detection; "
                              "run Detect again")
-        return self.apply_result(self.detection_session.refilter(parameters))
+        result = self.detection_session.refilter(parameters, preview=preview)
+        self.provisional = result.provisional
+        return self.apply_result(result)
+
+    def refine_scores(self, limit: int = 32) -> int:
+        """Score up to ``limit`` provisional candidates for real; when none is left, re-apply the current
+        parameters with the real scores. Returns how many are still provisional (0: done)."""
+        if self.detection_session is None or not self.provisional:
+            return 0
+        parameters = self.result.parameters
+        remaining = self.detection_session.score_provisional(parameters.th_det, limit)
+        if remaining == 0:
+            self.set_parameters(parameters)
+        else:
+            self.provisional = remaining
+        return remaining
 
     # ================================================================== scene -> review
     def sync_from_scene(self) -> None:
@@ -533,6 +553,8 @@ class ReviewSession:
     # ================================================================== save / load
     def save(self, directory: str | os.PathLike, case: str | None = None) -> dict[str, Path]:
         """``<case>.seg.nrrd`` + ``<case>_candidates.json`` + ``<case>.review.json`` (written last)."""
+        while self.refine_scores(limit=256):     # never save a one-view preview score
+            pass
         self.sync_from_scene()
         case = case or self.review.case
         directory = Path(directory)

@@ -39,7 +39,8 @@ def mine_case(network: torch.nn.Module, case: TrainingCase, case_index: int, th_
               batch_size: int = 8) -> CaseCandidates:
     probability = predict_probability_map(network, case.float_channels(), roi_size=roi_size, overlap=overlap,
                                           batch_size=batch_size, device=device,
-                                          patch_mask=evidence_mask(case, evidence_threshold))
+                                          patch_mask=evidence_mask(case, evidence_threshold),
+                                          channels_last=False)  # bit-for-bit reproducible training
     components, candidates = extract_candidates(probability, th_det, case.spacing_zyx)
     # (component, instance) pairs of every overlap: which CMBs each candidate touches.
     both = (components > 0) & (case.instances > 0)
