@@ -119,6 +119,8 @@ class CMBDetectParameterNode:
     minVolumeMm3: Annotated[float, Minimum(0)] = 2.5
     maxEllipticity: Annotated[float, WithinRange(0, 1)] = 0.2
     minEdgeDistanceMm: Annotated[float, Minimum(0)] = 4.0
+    # The model whose recommended thresholds were last put into the fields above ("" = none yet).
+    thresholdsFromModel: str = ""
     segmentation: vtkMRMLSegmentationNode
     candidateTable: vtkMRMLTableNode
 
@@ -161,6 +163,7 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modalityComboBox.connect("currentIndexChanged(int)", self.onModalityChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.modelDefaultsButton.connect("clicked(bool)", self.onModelDefaults)
         self.ui.detectButton.connect("clicked(bool)", self.onDetectButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
@@ -270,6 +273,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolume and not firstVolume.IsA("vtkMRMLLabelMapVolumeNode"):
                 self._parameterNode.inputVolume = firstVolume
+        # A new scene starts from the chosen model's calibrated operating point, not the class defaults.
+        model = self.ui.modelComboBox.currentData
+        if model and not self._parameterNode.thresholdsFromModel and self.logic.reviewSession is None:
+            with slicer.util.tryWithErrorDisplay(_("Cannot read the model's recommended thresholds.")):
+                self.logic.applyModelDefaults(model)
 
     def setParameterNode(self, inputParameterNode: Optional[CMBDetectParameterNode]) -> None:
         if self._parameterNode:
@@ -406,6 +414,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             except Exception:
                 self.populateModels()  # back to the version that is still selected
                 raise
+            self.logic.applyModelDefaults(path)
+
+    def onModelDefaults(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot read the model's recommended thresholds.")):
+            self.logic.applyModelDefaults(self.ui.modelComboBox.currentData or None)
 
     # ------------------------------------------------------------------ detection
     def onDetectButton(self) -> None:
@@ -745,6 +758,21 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         from CMBDetectLib.model_registry import select_model
 
         select_model(path)
+
+    def applyModelDefaults(self, model: Optional[str] = None):
+        """Put the model's recommended operating point (``model.json``: calibrated Th_Cdet, Th_Cdisc and
+        post-processing limits) into the parameter node; an open review re-thresholds through the node."""
+        from CMBDetectLib.model_package import ModelPackage
+        from CMBDetectLib.pipeline import DetectionParameters
+
+        path = model or self.selectedModelPath() or "default"
+        parameters = DetectionParameters.for_model(ModelPackage.load(path))
+        node = self.getParameterNode()
+        node.thDet, node.thDisc = parameters.th_det, parameters.th_disc
+        node.minVolumeMm3, node.maxEllipticity = parameters.min_volume_mm3, parameters.max_ellipticity
+        node.minEdgeDistanceMm = parameters.min_edge_distance_mm
+        node.thresholdsFromModel = str(path)
+        return parameters
 
     def ensureDependencies(self) -> None:
         """Install what the engine needs, only when the user asks for a detection (never at import)."""

@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -68,9 +69,22 @@ def case_info(dataset: Path) -> dict[str, dict]:
     return info
 
 
+def model_fingerprint(model: str) -> dict:
+    """What a detection's output depends on: the weights and the operating point (a re-calibrated model
+    keeps its name and version, so they cannot tell)."""
+    manifest = json.loads((Path(model) / "model.json").read_text(encoding="utf-8"))
+    return {"networks": {role: spec.get("sha256") for role, spec in manifest.get("networks", {}).items()},
+            **{key: manifest.get(key) for key in ("thresholds", "postprocessing", "inference", "preprocessing")}}
+
+
 def detect_learned(images: list[Path], out: Path, model: str) -> float:
     start = time.perf_counter()
+    stamp = out / "model_fingerprint.json"
+    fingerprint = model_fingerprint(model)
+    if out.is_dir() and (not stamp.is_file() or json.loads(stamp.read_text()) != fingerprint):
+        shutil.rmtree(out)          # predictions of other weights or another operating point
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, json.dumps(fingerprint, indent=1))
     todo = [p for p in images if not (out / f"{image_stem(p)}_cmb.nii.gz").is_file()]
     for image in todo:
         modality = image.name.split("_")[1]
