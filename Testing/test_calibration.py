@@ -14,6 +14,7 @@ from CMBDetectLib.calibration import (
     CandidateTable,
     OperatingPoint,
     ScanCandidates,
+    by_modality,
     choose,
     collect,
     sweep,
@@ -52,6 +53,16 @@ def test_two_candidates_of_one_cmb_count_once():
     scan = _scan(p_disc=[0.9, 0.8], volume=[10, 10], ellipticity=[0, 0], edge=[9, 9], hits=[[1], [1]], n_gt=1)
     point = sweep([scan], _grid(th_disc=(0.5,), max_ellipticity=(0.2,)))[0]
     assert (point.tp, point.fp, point.tpr) == (1, 0, 1.0)
+
+
+def test_the_chosen_point_is_reported_per_modality():
+    swi = _scan(p_disc=[0.95, 0.92], volume=[10, 10], ellipticity=[0.1, 0.1], edge=[20, 20], hits=[[1], []], n_gt=2)
+    qsm = ScanCandidates("q", "qsm", 1, _scan(p_disc=[0.6], volume=[10], ellipticity=[0.1], edge=[20],
+                                              hits=[[1]], n_gt=1).by_th_det)
+    chosen = OperatingPoint(0.5, 0.9, 2.56, 1.0, 4.0, 1, 1, 3, 2)
+    counts = by_modality([swi, qsm], chosen)
+    assert {m: (c["tp"], c["fp"], c["n_gt"], c["n_scans"]) for m, c in counts.items()} == {
+        "qsm": (0, 0, 1, 1), "swi": (1, 1, 2, 1)}
 
 
 def _point(tp, fp, th_disc=0.5, max_ellipticity=0.2, n_gt=10, n_scans=2):

@@ -72,6 +72,9 @@ def calibrate(model_dir: Path, dev_dir: Path = Path("build/evaluation_dev/dev"),
           f"TPR {other.tpr:.3f} at {other.fp_per_scan:.2f} FP/scan)")
     paper = record["at_training_threshold_and_paper_filters"]
     print(f"{model.label}: chosen {chosen.to_dict()}")
+    for modality, point in record["chosen_by_modality"].items():
+        print(f"  {modality}: {point['tp']}/{point['n_gt']} CMBs (TPR {point['tpr']:.2f}), "
+              f"{point['fp_per_scan']:.2f} FP/scan on {point['n_scans']} scans")
     if paper:
         print(f"  (training threshold + paper filters: TPR {paper['tpr']:.3f} at {paper['fp_per_scan']:.2f} FP/scan)")
     print(f"  calibrated on {len(scans)} development scans in {time.perf_counter() - start:.0f} s")

@@ -159,6 +159,15 @@ def choose(points: Sequence[OperatingPoint], max_fp_per_scan: float = 1.0,
     return min(allowed, key=lambda p: (*_objective(p), _distance_from_paper(p, default_th_det), -p.th_disc))
 
 
+def by_modality(scans: Sequence[ScanCandidates], point: OperatingPoint) -> dict[str, dict]:
+    """The counts of ``point`` on each modality's scans (one operating point serves all modalities)."""
+    grid = CalibrationGrid(th_det=(point.th_det,), th_disc=(point.th_disc,),
+                           min_volume_mm3=(point.min_volume_mm3,), max_ellipticity=(point.max_ellipticity,),
+                           min_edge_distance_mm=(point.min_edge_distance_mm,))
+    return {modality: sweep([s for s in scans if s.modality == modality], grid)[0].to_dict()
+            for modality in sorted({s.modality for s in scans})}
+
+
 def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], grid: CalibrationGrid,
             device: str = "cpu", progress: ProgressCallback | None = None,
             flip_options: Sequence[bool] = (False,)) -> dict[bool, list[ScanCandidates]]:
@@ -219,6 +228,7 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "best_within": {f"{budget:g}_fp_per_scan": choose(points, budget).to_dict()
                         for budget in FRONTIER_BUDGETS},
         "student_flips": bool(student_flips), "alternatives": alternatives or {},
+        "chosen_by_modality": by_modality(scans, chosen),
     }
     manifest["calibration"] = record
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
