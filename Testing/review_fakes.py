@@ -84,7 +84,8 @@ class FakeDetectionSession:
             self._labels[key] = (self.volume.with_array(labels), stats)
         return self._labels[key]
 
-    def refilter(self, params: DetectionParameters) -> DetectionResult:
+    def refilter(self, params: DetectionParameters, preview: bool = False) -> DetectionResult:
+        """``preview`` changes nothing here: the fake's scores are fixed, none is ever provisional."""
         self.refilter_calls += 1
         params.validate()
         labels, stats = self._extract(params.th_det)

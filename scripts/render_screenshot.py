@@ -122,7 +122,8 @@ def main(argv=None) -> int:
         hits[cmb_id] = [int(v) for v in overlap if v]
     true_ids = [c for c in session.ids() if hits[c]]
     false_ids = [c for c in session.ids() if not hits[c]]
-    for cmb_id in true_ids:
+    # The last true CMB is left for the reviewer (pending) when the model made no other pending candidate.
+    for cmb_id in true_ids[:-1] if len(true_ids) > 1 else true_ids:
         session.accept(cmb_id)
     rejected = false_ids[0] if false_ids else None
     if rejected is not None:
@@ -148,6 +149,10 @@ def main(argv=None) -> int:
     # Panels: zoomed axial views around an accepted (or added), the rejected, the pending and an added CMB.
     chosen = [(true_ids[:1], "accepted"), ([rejected] if rejected else [], "rejected"),
               ([pending] if pending else [], "pending"), (added[:1], "added")]
+    # A model without false positives (or misses) leaves panels empty: show more accepted CMBs instead.
+    spare = [c for c in true_ids[1:] if c != pending and session.review.get(c).decision.value == "accepted"]
+    chosen = [(ids, label) for ids, label in chosen if ids]
+    chosen += [([c], "accepted") for c in spare[:max(0, 4 - len(chosen))]]
     red = views["Red"]
     panels = []
     for ids, label in chosen:
