@@ -768,9 +768,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         path = model or self.selectedModelPath() or "default"
         parameters = DetectionParameters.for_model(ModelPackage.load(path))
         node = self.getParameterNode()
-        node.thDet, node.thDisc = parameters.th_det, parameters.th_disc
-        node.minVolumeMm3, node.maxEllipticity = parameters.min_volume_mm3, parameters.max_ellipticity
-        node.minEdgeDistanceMm = parameters.min_edge_distance_mm
+        self.parametersToNode(parameters, node)
         node.thresholdsFromModel = str(path)
         return parameters
 
@@ -815,6 +813,12 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
             if os.path.isfile(candidate):
                 return candidate
         raise RuntimeError(_("PythonSlicer was not found next to {directory}").format(directory=directory))
+
+    @staticmethod
+    def parametersToNode(parameters, node) -> None:
+        node.thDet, node.thDisc = parameters.th_det, parameters.th_disc
+        node.minVolumeMm3, node.maxEllipticity = parameters.min_volume_mm3, parameters.max_ellipticity
+        node.minEdgeDistanceMm = parameters.min_edge_distance_mm
 
     def parametersFromNode(self, node):
         from CMBDetectLib.pipeline import DetectionParameters
@@ -1041,9 +1045,7 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         node = self.getParameterNode()
         node.inputVolume = volumeNode
         node.modality = session.review.modality
-        node.thDet, node.thDisc = parameters.th_det, parameters.th_disc
-        node.minVolumeMm3, node.maxEllipticity = parameters.min_volume_mm3, parameters.max_ellipticity
-        node.minEdgeDistanceMm = parameters.min_edge_distance_mm
+        self.parametersToNode(parameters, node)
         self._useSession(session)
         return session
 

@@ -108,18 +108,24 @@ def same_weights(a: Path, b: Path) -> bool:
     return digests(a) == digests(b)
 
 
+def reuse_stage1(main_work: Path, new_work: Path) -> None:
+    """A fresh work folder holding only the finished stage-1 checkpoint and mined candidates of
+    ``main_work``: ``train_model(..., resume=True)`` then trains just the teacher and the student."""
+    if new_work.exists():
+        shutil.rmtree(new_work)
+    (new_work / "checkpoints").mkdir(parents=True)
+    shutil.copy2(main_work / "checkpoints" / "stage1.pt", new_work / "checkpoints" / "stage1.pt")
+    shutil.copy2(main_work / "candidates.json", new_work / "candidates.json")
+
+
 def train_ablation(data: Path, work: Path, config: dict, quick: bool) -> Path:
     """The paper's ablation: the same student network trained without the teacher (CE loss only).
 
     It reuses the finished stage-1 checkpoint and the mined candidates of the main run (``resume``), so
     only the student is trained and both students see exactly the same candidates.
     """
-    main_work, ablation_work = work / "train_work", work / "train_work_nokd"
-    if ablation_work.exists():
-        shutil.rmtree(ablation_work)
-    (ablation_work / "checkpoints").mkdir(parents=True)
-    shutil.copy2(main_work / "checkpoints" / "stage1.pt", ablation_work / "checkpoints" / "stage1.pt")
-    shutil.copy2(main_work / "candidates.json", ablation_work / "candidates.json")
+    ablation_work = work / "train_work_nokd"
+    reuse_stage1(work / "train_work", ablation_work)
     ablation_config = {**config, "distillation": False, "name": NAME + "-nokd",
                        "description": "ablation: the default model's student trained without distillation"}
     out = work / f"{NAME}-nokd-{config['version']}"

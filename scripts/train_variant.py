@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibrate_model import calibrate  # noqa: E402
-from make_model import CONFIG, DATA, TRAIN_SEED  # noqa: E402
+from make_model import CONFIG, DATA, TRAIN_SEED, reuse_stage1  # noqa: E402
 
 from CMBDetectLib.progress import text_progress  # noqa: E402
 from CMBDetectLib.training.trainer import train_model  # noqa: E402
@@ -47,11 +47,7 @@ def main() -> int:
     config["version"] = args.version
     config["cache_dir"] = str(work / "feature_cache")
     variant_work = work / f"train_work_{args.version}"
-    if variant_work.exists():
-        shutil.rmtree(variant_work)
-    (variant_work / "checkpoints").mkdir(parents=True)
-    shutil.copy2(work / "train_work" / "checkpoints" / "stage1.pt", variant_work / "checkpoints" / "stage1.pt")
-    shutil.copy2(work / "train_work" / "candidates.json", variant_work / "candidates.json")
+    reuse_stage1(work / "train_work", variant_work)
     out = work / f"{config['name']}-{args.version}"
     if out.exists():
         shutil.rmtree(out)

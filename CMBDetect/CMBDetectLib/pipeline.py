@@ -310,7 +310,7 @@ class DetectionSession:
             extraction = _Extraction(labels, candidates, ids, keys, np.zeros(len(candidates)),
                                      np.zeros(len(candidates)), [None] * len(candidates))
             self._extractions[key] = extraction
-        missing = sorted({k for k in extraction.keys if k not in self._scores})
+        missing = self._unscored(extraction)
         if preview and self.student_flips:
             unseen = [k for k in missing if k not in self._preview_scores]
             if unseen:
@@ -319,24 +319,23 @@ class DetectionSession:
             self._score(missing)
         return extraction
 
+    def _unscored(self, extraction: _Extraction | None) -> list[tuple[int, int, int]]:
+        """Score keys of ``extraction`` without a real student score (sorted: a deterministic order)."""
+        return [] if extraction is None else sorted({k for k in extraction.keys if k not in self._scores})
+
     def provisional_count(self, th_det: float) -> int:
         """Candidates at ``th_det`` that still carry a one-view preview score."""
-        extraction = self._extractions.get(round(float(th_det), 6))
-        if extraction is None:
-            return 0
-        return len({k for k in extraction.keys if k not in self._scores})
+        return len(self._unscored(self._extractions.get(round(float(th_det), 6))))
 
     def score_provisional(self, th_det: float, limit: int = 32) -> int:
         """Give up to ``limit`` provisional candidates at ``th_det`` their real score; returns how many remain.
 
         Meant to be called repeatedly from an event loop (each call is short), then ``refilter(params)``.
         """
-        extraction = self._extractions.get(round(float(th_det), 6))
-        if extraction is None:
-            return 0
-        missing = sorted({k for k in extraction.keys if k not in self._scores})
-        self._score(missing[:max(1, int(limit))])
-        return max(0, len(missing) - max(1, int(limit)))
+        missing = self._unscored(self._extractions.get(round(float(th_det), 6)))
+        limit = max(1, int(limit))
+        self._score(missing[:limit])
+        return max(0, len(missing) - limit)
 
     def _stable_id(self, peak: tuple[int, int, int]) -> int:
         if peak not in self._ids:

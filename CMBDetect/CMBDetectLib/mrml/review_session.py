@@ -54,7 +54,6 @@ class ReviewSession:
         self.review = review
         self.detection_session = detection_session
         self.result = result
-        self.provisional = 0    # candidates shown with a one-view preview score (set_parameters preview=True)
         self.current_id: int | None = None
         # The detection cache (``<stem>_session.npz``) this review re-thresholds from; copied next to a saved
         # review so that a resumed review can still move thresholds without re-running the networks.
@@ -283,9 +282,14 @@ class ReviewSession:
         if self.detection_session is None:
             raise InputError("thresholds cannot change: this review has no cached detection; "
                              "run Detect again")
-        result = self.detection_session.refilter(parameters, preview=preview)
-        self.provisional = result.provisional
-        return self.apply_result(result)
+        return self.apply_result(self.detection_session.refilter(parameters, preview=preview))
+
+    @property
+    def provisional(self) -> int:
+        """Candidates shown with a one-view preview score (after ``set_parameters(..., preview=True)``)."""
+        if self.result is None or not getattr(self.result, "provisional", 0):
+            return 0
+        return self.detection_session.provisional_count(self.result.parameters.th_det)
 
     def refine_scores(self, limit: int = 32) -> int:
         """Score up to ``limit`` provisional candidates for real; when none is left, re-apply the current
@@ -296,8 +300,6 @@ class ReviewSession:
         remaining = self.detection_session.score_provisional(parameters.th_det, limit)
         if remaining == 0:
             self.set_parameters(parameters)
-        else:
-            self.provisional = remaining
         return remaining
 
     # ================================================================== scene -> review
