@@ -203,3 +203,57 @@ def test_normalisation_inverts_swi_not_qsm():
     assert qsm[5, 5, 5] > 0.9 and qsm[8, 8, 8] < 0.05
     assert np.all(qsm[~mask] == 0) and qsm.max() <= 1 and qsm.min() >= 0
     assert 0.2 < np.median(qsm[mask]) < 0.8
+
+
+def test_qsm_compression_keeps_how_paramagnetic_a_bright_spot_is():
+    from CMBDetectLib.features import LEGACY_QSM_SCALING, feature_settings
+
+    rng = np.random.default_rng(1)
+    image = rng.normal(0.0, 0.05, (16, 16, 16)).astype(np.float32)   # ppm
+    mask = np.ones(image.shape, bool)
+    image[4, 4, 4], image[8, 8, 8], image[12, 12, 12] = 0.3, 0.6, 1.2  # vein-like, CMB, strong CMB
+    clipped = normalise_intensity(image, mask, "qsm", qsm_scaling="clip")
+    compressed = normalise_intensity(image, mask, "qsm", qsm_scaling="compress")
+    # "clip" reads all three as the same 1.0; "compress" keeps their order and stays below 1.
+    assert clipped[4, 4, 4] == clipped[8, 8, 8] == clipped[12, 12, 12] == 1.0
+    assert compressed[4, 4, 4] < compressed[8, 8, 8] < compressed[12, 12, 12] < 1.0
+    assert compressed.min() >= 0.0 and np.all(np.diff(np.sort(compressed[mask])) >= 0)
+    # Tissue below the high percentile keeps its linear contrast (scaled by the knee).
+    tissue = clipped < 1.0
+    np.testing.assert_allclose(compressed[tissue], 0.75 * clipped[tissue], atol=1e-6)
+    # SWI / T2*-GRE ignore the option.
+    swi = np.abs(image) + 1.0
+    np.testing.assert_array_equal(normalise_intensity(swi, mask, "swi", qsm_scaling="clip"),
+                                  normalise_intensity(swi, mask, "swi", qsm_scaling="compress"))
+    with pytest.raises(ValueError, match="qsm_scaling"):
+        normalise_intensity(image, mask, "qsm", qsm_scaling="log")
+    # A model package that does not record the option was trained with the legacy one.
+    assert feature_settings({})["qsm_scaling"] == LEGACY_QSM_SCALING == "clip"
+    assert feature_settings({"qsm_scaling": "compress", "working_spacing_mm": 0.7}) == {
+        "working_spacing_mm": 0.7, "vessel_suppression": True, "qsm_scaling": "compress"}
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+@pytest.mark.parametrize("spacing", [(0.45, 0.45, 1.0), (0.8, 0.8, 3.0), (0.5, 0.7, 0.6)])
+def test_sparse_label_mapping_equals_the_full_resample(name, spacing):
+    direction, _ = GEOMETRIES[name]
+    grid = ScanGrid.from_image(_image((70, 64, 40), spacing, direction), working_spacing_mm=0.8)
+    grid = grid.cropped((1, 2, 3), np.array(grid.working_shape) - (2, 1, 3))     # cropped like detection
+    rng = np.random.default_rng(3)
+    labels = np.zeros(grid.working_shape, np.int32)
+    shape = np.array(grid.working_shape)
+    for n in range(1, 25):                     # small objects, some touching the grid's faces
+        centre = rng.integers(0, shape)
+        radius = rng.integers(0, 3, 3)
+        labels[tuple(slice(max(0, c - r), c + r + 1) for c, r in zip(centre, radius))] = n
+    full = grid.labels_to_input(labels)
+    np.testing.assert_array_equal(grid.sparse_labels_to_input(labels), full)
+    ids = np.zeros(25, np.uint16)
+    ids[1:] = rng.permutation(np.arange(100, 124))
+    mapped = grid.sparse_labels_to_input(labels, values=ids)
+    assert mapped.dtype == np.uint16
+    np.testing.assert_array_equal(mapped, ids[full])
+    empty = grid.sparse_labels_to_input(np.zeros(grid.working_shape, np.int32))
+    assert empty.shape == full.shape and not empty.any()
+    with pytest.raises(ValueError, match="values must map"):
+        grid.sparse_labels_to_input(labels, values=ids[:5])

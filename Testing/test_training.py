@@ -236,6 +236,17 @@ def test_a_fine_tuned_model_keeps_its_parents_test_time_flips(dataset: Path, cac
     assert tuned.student_flips is True and ModelPackage.load(tmp_path / "tuned").student_flips is True
 
 
+def test_a_fine_tuned_model_keeps_its_parents_qsm_scaling(dataset: Path, cache: Path, tmp_path: Path) -> None:
+    base = train_model([dataset], tmp_path / "base", tiny_config(cache), seed=1)
+    assert base.preprocessing["qsm_scaling"] == "compress"          # a new model records its scaling
+    manifest = json.loads((tmp_path / "base" / "model.json").read_text())
+    del manifest["preprocessing"]["qsm_scaling"]                     # a package made before it was recorded
+    (tmp_path / "base" / "model.json").write_text(json.dumps(manifest))
+    tuned = train_model([dataset], tmp_path / "tuned", tiny_config(cache), seed=1, init_model=tmp_path / "base")
+    assert tuned.preprocessing["qsm_scaling"] == "clip"
+    assert tuned.manifest["training"]["config"]["qsm_scaling"] == "clip"
+
+
 def test_training_config_round_trips_and_rejects_unknown_options() -> None:
     from CMBDetectLib.training import TrainingConfig
 
@@ -248,6 +259,8 @@ def test_training_config_round_trips_and_rejects_unknown_options() -> None:
     assert again == config
     with pytest.raises(ValueError, match="unknown training option"):
         TrainingConfig.from_dict({"stage_one_width": 8})
+    with pytest.raises(ValueError, match="qsm_scaling must be one of clip, compress"):
+        TrainingConfig.from_dict({"qsm_scaling": "log"})
     with pytest.raises(ValueError, match="unknown stage option"):
         TrainingConfig.from_dict({"student": {"steps": 8}})
 

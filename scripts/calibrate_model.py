@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate_model import DEV_SEED, MIN_CMBS, make_test_set  # noqa: E402
+from evaluate_model import DEV_PER_CELL, DEV_SEED, MIN_CMBS, make_test_set  # noqa: E402
 
 from CMBDetectLib.calibration import (  # noqa: E402
     CalibrationGrid,
@@ -28,10 +28,6 @@ from CMBDetectLib.calibration import (  # noqa: E402
 )
 from CMBDetectLib.model_package import ModelPackage  # noqa: E402
 from CMBDetectLib.progress import text_progress  # noqa: E402
-
-# 4 scans per modality x slice-thickness cell (36 scans). With 2 (18 scans) the chosen point was overfit:
-# 1.2.0 made 0.72 FP/scan on the development set but 1.33 on the test set.
-DEV_PER_CELL = 4
 
 
 def development_cases(dataset: Path, per_cell: int) -> list[tuple[str, Path, Path, str]]:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from CMBDetectLib.baseline import detect_baseline
-from CMBDetectLib.evaluate import CMB_FATES, STAGE_TITLES, evaluate, write_froc_png
-from CMBDetectLib.features import compute_features
+from CMBDetectLib.evaluate import CMB_FATES, STAGE_TITLES, EvaluationReport, evaluate, write_froc_png
+from CMBDetectLib.features import LEGACY_QSM_SCALING, compute_features
 from CMBDetectLib.metrics import plot_froc, summarise
 from CMBDetectLib.model_package import ModelPackage
 from CMBDetectLib.volume import atomic_write_text, image_stem, read_volume, write_volume_atomic
@@ -38,6 +38,13 @@ DEV_SEED = 3000           # development set: choosing recipes and filters; never
 # At least 2 CMBs per scan so that a 27-scan set holds enough CMBs per cell to measure a TPR; every scan
 # still carries the generator's full set of mimics, so false positives per scan are measured as usual.
 MIN_CMBS = 2
+# 6 scans per modality x slice-thickness cell (54 scans) since 1.5.0; 1.0.0-1.4.0 were reported on the first
+# 3 of each cell (27 scans), where one modality's FP/scan rested on 9 scans (standard error ~0.4 FP/scan).
+TEST_PER_CELL = 6
+PREVIOUS_TEST_PER_CELL = 3
+# 4 scans per modality x slice-thickness cell (36 scans) for calibration (scripts/calibrate_model.py). With 2
+# (18 scans) the chosen point was overfit: 1.2.0 made 0.72 FP/scan on the development set but 1.33 on the test set.
+DEV_PER_CELL = 4
 MODALITIES = ("swi", "t2s", "qsm")
 THICKNESSES = (1.0, 3.0, 5.0)
 
@@ -47,16 +54,39 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
+def case_index(image: Path) -> int:
+    """``synth_<modality>_<index>_0000.nii.gz`` -> index (= 100 * cell + position in the cell)."""
+    return int(image.name.split("_")[2])
+
+
 def make_test_set(out: Path, per_cell: int, seed: int) -> None:
-    if (out / "dataset.json").is_file() and len(list((out / "imagesTr").glob("*.nii.gz"))) >= \
-            per_cell * len(MODALITIES) * len(THICKNESSES):
-        return
+    """``per_cell`` scans per modality x thickness cell; a smaller set is extended, never regenerated
+    (case ``100 * cell + j`` depends only on the seed and its index)."""
+    existing = {case_index(p) for p in (out / "imagesTr").glob("*.nii.gz")} if (out / "dataset.json").is_file() \
+        else set()
     for m, modality in enumerate(MODALITIES):
         for t, thickness in enumerate(THICKNESSES):
-            run([sys.executable, "-m", "CMBDetectLib", "synth", "--out", str(out), "--n", str(per_cell),
-                 "--seed", str(seed), "--start-index", str(100 * (3 * m + t)), "--modality", modality,
+            first = 100 * (3 * m + t)
+            have = 0
+            while first + have in existing:
+                have += 1
+            if have >= per_cell:
+                continue
+            run([sys.executable, "-m", "CMBDetectLib", "synth", "--out", str(out), "--n", str(per_cell - have),
+                 "--seed", str(seed), "--start-index", str(first + have), "--modality", modality,
                  "--slice-thickness", str(thickness), "--in-plane", "0.6", "1.0",
                  "--min-cmbs", str(MIN_CMBS), "--max-cmbs", "30"])
+
+
+def evaluate_selected(pred_dir: Path, data: Path, images: list[Path]) -> EvaluationReport:
+    """``evaluate`` restricted to ``images`` (the data folder may hold more scans than this run uses)."""
+    report = evaluate(pred_dir, data, allow_missing=True)
+    wanted = {image_stem(p) for p in images}
+    scans = [scan for scan in report.scans if scan.stem in wanted]
+    if len(scans) != len(wanted):
+        missing = sorted(wanted - {scan.stem for scan in scans})
+        raise SystemExit(f"no prediction in {pred_dir} for {', '.join(missing)}")
+    return EvaluationReport(scans, [])
 
 
 def case_info(dataset: Path) -> dict[str, dict]:
@@ -105,7 +135,10 @@ def baseline_write(image: Path, out: Path, features, th_frst: float) -> None:
 
 def baseline_features(image: Path, working_spacing: float):
     volume = read_volume(image)
-    return compute_features(volume, image.name.split("_")[1], working_spacing_mm=working_spacing)
+    # The baseline keeps the features it has been reported with (its threshold tuning and predictions
+    # under build/evaluation were made with them).
+    return compute_features(volume, image.name.split("_")[1], working_spacing_mm=working_spacing,
+                            qsm_scaling=LEGACY_QSM_SCALING)
 
 
 def choose_baseline_threshold(train: Path, out: Path, working_spacing: float, n_cases: int) -> float:
@@ -190,7 +223,8 @@ def main() -> int:
     parser.add_argument("--split", choices=("test", "dev"), default="test",
                         help="test: the held-out report in docs/; dev: the development set (build/ only)")
     parser.add_argument("--work", default=None, help="default build/evaluation (test) or build/evaluation_dev")
-    parser.add_argument("--per-cell", type=int, default=3, help="scans per modality x thickness cell")
+    parser.add_argument("--per-cell", type=int, default=None,
+                        help=f"scans per modality x thickness cell (default {TEST_PER_CELL} test, {DEV_PER_CELL} dev)")
     parser.add_argument("--train-data", default="build/model/data/train",
                         help="training scans (only to choose the baseline's threshold)")
     parser.add_argument("--docs", default="docs", help="where the test report goes (not used with --split dev)")
@@ -203,23 +237,24 @@ def main() -> int:
     seed = DEV_SEED if dev else TEST_SEED
     work = Path(args.work or ("build/evaluation_dev" if dev else "build/evaluation"))
     data = work / args.split
-    make_test_set(data, args.per_cell, seed)
+    per_cell = args.per_cell or (DEV_PER_CELL if dev else TEST_PER_CELL)
+    make_test_set(data, per_cell, seed)
     # the first --per-cell scans of every modality x thickness cell (case index = 100 * cell + j)
-    images = sorted(p for p in (data / "imagesTr").glob("*.nii.gz") if int(p.name.split("_")[2]) % 100 < args.per_cell)
+    images = sorted(p for p in (data / "imagesTr").glob("*.nii.gz") if case_index(p) % 100 < per_cell)
     info = case_info(data)
     model = ModelPackage.load(args.model)
     working = float(model.preprocessing.get("working_spacing_mm", 0.8))
 
     # one prediction folder per model version, so that comparing versions never mixes their outputs
     seconds = detect_learned(images, work / f"pred_{model.label}", str(model.path))
-    learned = evaluate(work / f"pred_{model.label}", data)
+    learned = evaluate_selected(work / f"pred_{model.label}", data, images)
 
     ablation = None
     ablation_path = Path(args.ablation_model or f"build/model/{model.name}-nokd-{model.version}")
     if ablation_path.is_dir():
         nokd = ModelPackage.load(str(ablation_path))
         detect_learned(images, work / f"pred_{nokd.label}", str(nokd.path))
-        ablation = evaluate(work / f"pred_{nokd.label}", data)
+        ablation = evaluate_selected(work / f"pred_{nokd.label}", data, images)
     else:
         print(f"no ablation package at {ablation_path}: the KD ablation is left out", flush=True)
 
@@ -232,7 +267,7 @@ def main() -> int:
         for image in images:
             if not (baseline_dir / f"{image_stem(image)}_cmb.nii.gz").is_file():
                 baseline_write(image, baseline_dir, baseline_features(image, working), th_frst)
-        baseline = evaluate(baseline_dir, data)
+        baseline = evaluate_selected(baseline_dir, data, images)
 
     docs = work if dev else Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
@@ -262,6 +297,12 @@ def main() -> int:
              "## Where CMBs and false candidates are removed",
              "A CMB counts where the furthest of its candidates stopped; a false candidate where it was removed.",
              "", *removal_table(learned)]
+    previous = [scan for scan in learned.scans if int(scan.case.split("_")[2]) % 100 < PREVIOUS_TEST_PER_CELL]
+    if not dev and PREVIOUS_TEST_PER_CELL < per_cell:
+        lines += ["", f"## The same, on the first {PREVIOUS_TEST_PER_CELL} scans of each cell "
+                      f"(the {len(previous)}-scan test set of the 1.0.0-1.4.0 reports)",
+                  *table({k: v for k, v in grouped(EvaluationReport(previous, []), info).items()
+                          if not k.startswith("slices")})]
     if ablation is not None:
         lines += ["", f"## Ablation: the same student network trained without KD (`{ablation_path.name}`)",
                   "Same stage 1, same candidates, same student architecture and steps; loss CE only.", "",

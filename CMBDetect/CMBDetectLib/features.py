@@ -15,7 +15,13 @@ import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
 
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.frst import frst_3d
-from CMBDetectLib.preprocessing import ScanGrid, estimate_brain_mask, n4_bias_correct, normalise_intensity
+from CMBDetectLib.preprocessing import (
+    QSM_SCALINGS,
+    ScanGrid,
+    estimate_brain_mask,
+    n4_bias_correct,
+    normalise_intensity,
+)
 from CMBDetectLib.progress import ProgressCallback, no_progress
 from CMBDetectLib.validation import normalise_modality, validate_image, validate_mask
 from CMBDetectLib.vessel_suppression import suppress_vessels
@@ -24,6 +30,8 @@ from CMBDetectLib.volume import Volume, volume_to_sitk
 #: brain bounding box margin kept around the mask when cropping (mm)
 CROP_MARGIN_MM = 6.0
 FRST_RADII = (2, 3, 4, 6)
+#: ``qsm_scaling`` of packages whose model.json does not record it (up to 1.4.0)
+LEGACY_QSM_SCALING = "clip"
 
 
 @dataclass
@@ -57,9 +65,20 @@ def _crop_box(mask: np.ndarray, spacing_zyx, margin_mm: float) -> tuple[np.ndarr
     return np.maximum(start - margin, 0), np.minimum(stop + margin, shape)
 
 
+def feature_settings(preprocessing: dict) -> dict:
+    """``compute_features`` keyword arguments from a model's ``preprocessing`` record (model.json).
+
+    A key a package does not record takes the value the packages of its time were trained with.
+    """
+    return {"working_spacing_mm": float(preprocessing.get("working_spacing_mm", 0.8)),
+            "vessel_suppression": bool(preprocessing.get("vessel_suppression", True)),
+            "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING))}
+
+
 def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
                      working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
-                     progress: ProgressCallback | None = None, crop: bool = True) -> ScanFeatures:
+                     progress: ProgressCallback | None = None, crop: bool = True,
+                     qsm_scaling: str = "compress") -> ScanFeatures:
     """Preprocess ``volume`` into the 2-channel network input (see module docstring).
 
     ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.
@@ -76,6 +95,8 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
         clock = now
 
     report(0.0, "Checking the image")
+    if qsm_scaling not in QSM_SCALINGS:
+        raise ValueError(f"qsm_scaling must be one of {QSM_SCALINGS}, not {qsm_scaling!r}")
     modality = normalise_modality(modality)
     validate_image(volume)
     mask_bool = validate_mask(mask, volume) if mask is not None else None
@@ -111,7 +132,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
         lap("n4")
 
     report(0.4, "Normalising intensities")
-    intensity = normalise_intensity(array, brain, modality)
+    intensity = normalise_intensity(array, brain, modality, qsm_scaling=qsm_scaling)
     del array
     lap("normalise")
 

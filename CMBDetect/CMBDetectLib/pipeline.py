@@ -202,7 +202,7 @@ class DetectionSession:
             params: DetectionParameters | None = None) -> DetectionResult:
         """Preprocess, run stage 1 once, then :meth:`refilter` with ``params``."""
         from CMBDetectLib.device import describe_device, run_with_oom_fallback
-        from CMBDetectLib.features import compute_features
+        from CMBDetectLib.features import compute_features, feature_settings
         from CMBDetectLib.sliding_window import predict_probability_map
         from CMBDetectLib.validation import normalise_modality
 
@@ -213,11 +213,8 @@ class DetectionSession:
         self.modality = normalise_modality(modality)
         preprocessing = self.model.preprocessing
         start = time.perf_counter()
-        self.features = compute_features(
-            volume, self.modality, mask,
-            working_spacing_mm=float(preprocessing.get("working_spacing_mm", 0.8)),
-            vessel_suppression=bool(preprocessing.get("vessel_suppression", True)),
-            progress=scaled(self.progress, 0.0, 0.45))
+        self.features = compute_features(volume, self.modality, mask, progress=scaled(self.progress, 0.0, 0.45),
+                                         **feature_settings(preprocessing))
         self.timings = {f"features.{k}": float(v) for k, v in getattr(self.features, "timings", {}).items()}
         self.timings["features"] = time.perf_counter() - start
         self.features.channels = self.features.channels.astype(np.float16).astype(np.float32)
@@ -406,8 +403,9 @@ class DetectionSession:
     def _input_labels(self, extraction: _Extraction) -> Volume:
         lookup = np.zeros(len(extraction.candidates) + 1, dtype=np.uint16)
         lookup[1:] = extraction.ids.astype(np.uint16)
-        working_ids = lookup[extraction.labels]
-        array = self.features.grid.labels_to_input(working_ids).astype(np.uint16)
+        # Component labels -> stable candidate ids, written only around each candidate (a Th_Cdet slider step
+        # on a 40 M-voxel clinical grid must not resample the whole grid).
+        array = self.features.grid.sparse_labels_to_input(extraction.labels, values=lookup)
         reference = self._input_reference
         return Volume(array, reference.spacing, reference.origin, reference.direction)
 

@@ -166,11 +166,19 @@ def measure_shapes(candidates: Sequence[Candidate], labels: np.ndarray, brain_ma
         return {}
     count = max(c.label for c in candidates)
     ellipticities = component_ellipticities(labels, spacing_zyx, count=count)
-    index = np.arange(1, count + 1)
-    distance = np.asarray(brain_mask_distance_mm, dtype=np.float64)
+    distance = np.asarray(brain_mask_distance_mm)
     if distance.shape != np.shape(labels):
         raise ValueError(f"distance map shape {distance.shape} does not match the labels {np.shape(labels)}")
-    mean_distance = np.atleast_1d(ndimage.mean(distance, labels=labels, index=index))
+    # Mean over each component's voxels only (not a pass over the whole, possibly 40 M-voxel, map per label).
+    flat = np.asarray(labels).ravel()
+    foreground = np.flatnonzero(flat)
+    component = flat[foreground].astype(np.int64)
+    inside = component <= count
+    foreground, component = foreground[inside], component[inside]
+    sums = np.bincount(component, weights=distance.ravel()[foreground].astype(np.float64), minlength=count + 1)
+    voxels = np.bincount(component, minlength=count + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_distance = (sums / voxels)[1:]
     return {c.label: CandidateShape(label=c.label, volume_mm3=float(c.volume_mm3),
                                     ellipticity=float(ellipticities[c.label - 1]),
                                     edge_distance_mm=float(mean_distance[c.label - 1]))

@@ -177,6 +177,83 @@ class ScanGrid:
         array = sitk.GetArrayFromImage(out)
         return array.astype(bool) if is_bool else array
 
+    def _input_to_working_axes(self) -> list[tuple[int, np.ndarray]] | None:
+        """Per input axis (k, j, i): ``(working axis, nearest working index of every input index)``.
+
+        The working grid is the input grid with its axes permuted / flipped (DICOMOrient) and rescaled, so
+        nearest-neighbour mapping is separable by axis; ``None`` if the geometry says otherwise.
+        """
+        spacing = np.array(self.input_spacing)
+        direction = np.array(self.input_direction).reshape(3, 3)
+        to_working = np.linalg.inv(np.array(self.direction).reshape(3, 3) * np.array(self.spacing))
+        # working continuous index (i, j, k) = offset + matrix @ input index (i, j, k)
+        matrix = to_working @ (direction * spacing)
+        offset = to_working @ (np.array(self.input_origin) - np.array(self.working_origin))
+        dominant = np.argmax(np.abs(matrix), axis=0)
+        if sorted(dominant) != [0, 1, 2]:
+            return None
+        off_axis = matrix.copy()
+        off_axis[dominant, range(3)] = 0.0
+        if np.abs(off_axis).max() > 1e-6 * np.abs(matrix).max():
+            return None
+        shape_w = self.working_shape[::-1]               # (i, j, k)
+        axes = []
+        for a in range(3):                                # input axis a in (i, j, k) order
+            w = int(dominant[a])
+            continuous = offset[w] + matrix[w, a] * np.arange(self.input_size[a], dtype=np.float64)
+            nearest = np.floor(continuous + 0.5).astype(np.int64)   # ITK's RoundHalfIntegerUp
+            nearest[(nearest < 0) | (nearest >= shape_w[w])] = -1    # outside the working grid
+            axes.append((2 - w, nearest))                 # working axis in [k, j, i] array order
+        return axes[::-1]                                 # input axes in [k, j, i] array order
+
+    def sparse_labels_to_input(self, labels_working: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:
+        """``labels_to_input`` for a label map of a few small objects (candidates): only the input voxels
+        around each object are filled, so the cost follows the objects, not the 10-40 M input voxels.
+        ``values``: write label ``v`` as ``values[v]`` (``values[0]`` must be 0; dtype of the result).
+
+        Nearest neighbour like ``labels_to_input`` (checked voxel for voxel in the tests; a voxel exactly
+        half-way between two working voxels may round the other way).
+        """
+        labels_working = np.asarray(labels_working)
+        if labels_working.shape != self.working_shape:
+            raise ValueError(f"label array {labels_working.shape} does not match the working grid "
+                             f"{self.working_shape}")
+        axes = self._input_to_working_axes()
+        if axes is None:
+            return self.labels_to_input(labels_working)
+        if values is not None and (len(values) <= int(labels_working.max(initial=0)) or values[0] != 0):
+            raise ValueError("values must map every label of the map, and 0 to 0")
+        out = np.zeros(tuple(self.input_size[::-1]), dtype=labels_working.dtype if values is None else values.dtype)
+        boxes = self._object_boxes(labels_working)
+        if not boxes:
+            return out
+        # Working array with a zero plane at index -1 of each axis, for input voxels outside the working grid.
+        padded = np.pad(labels_working, [(0, 1)] * 3)
+        permutation = [working_axis for working_axis, _ in axes]
+        for box in boxes:
+            ranges = []
+            for working_axis, nearest in axes:
+                window = box[working_axis]
+                hits = np.flatnonzero((nearest >= window.start) & (nearest < window.stop))
+                ranges.append(slice(int(hits[0]), int(hits[-1]) + 1) if hits.size else None)
+            if any(r is None for r in ranges):
+                continue
+            index = [nearest[r] for (_, nearest), r in zip(axes, ranges)]
+            # input axis n reads working axis permutation[n]
+            block = padded.transpose(permutation)[np.ix_(*index)]
+            if values is not None:
+                block = values[block]
+            np.copyto(out[tuple(ranges)], block, where=block > 0)
+        return out
+
+    @staticmethod
+    def _object_boxes(labels: np.ndarray) -> list[tuple[slice, slice, slice]]:
+        """Bounding boxes of the labelled objects (one per label value present)."""
+        from scipy import ndimage
+
+        values = labels if labels.dtype.kind in "iu" and labels.dtype != np.bool_ else labels.astype(np.uint8)
+        return [box for box in ndimage.find_objects(values) if box]
+
     # ------------------------------------------------------------------ point mapping
     def working_index_to_lps(self, kji) -> np.ndarray:
         kji = np.atleast_2d(np.asarray(kji, dtype=float))
@@ -350,14 +427,36 @@ def n4_bias_correct(array: np.ndarray, mask: np.ndarray, spacing_zyx, shrink: in
 
 
 # ====================================================================== normalisation
+#: How QSM values above the brain's ``high_percentile`` are mapped (``preprocessing.qsm_scaling`` in model.json).
+#: "clip" (models up to 1.4.0): cut at 1, so every CMB, vein and iron-rich nucleus above the 99.5th percentile
+#: reads the same 1.0 (on the synthetic training scans CMB peaks lie at 1.2-5.8 x that level, veins and nuclei
+#: mostly below 3.5). "compress": tissue keeps its linear scale on [0, 0.75] and the top is compressed
+#: smoothly into (0.75, 1), so the networks still see how strongly paramagnetic a bright spot is.
+QSM_SCALINGS = ("clip", "compress")
+QSM_KNEE = 0.75          # output level of the high percentile under "compress"
+QSM_SOFTNESS = 2.0       # (multiples of the percentile range) above the knee that tanh spreads over
+
+
+def _compress_above_one(values: np.ndarray) -> np.ndarray:
+    """Linear ``KNEE * v`` up to ``v = 1``, then ``KNEE + (1 - KNEE) * tanh((v - 1) / SOFTNESS)`` (< 1)."""
+    values = np.maximum(values, 0.0)
+    top = QSM_KNEE + (1.0 - QSM_KNEE) * np.tanh((values - 1.0) / QSM_SOFTNESS)
+    return np.where(values <= 1.0, QSM_KNEE * values, top).astype(np.float32)
+
+
 def normalise_intensity(array: np.ndarray, mask: np.ndarray, modality: str,
-                        high_percentile: float = 99.5, low_percentile: float = 0.5) -> np.ndarray:
+                        high_percentile: float = 99.5, low_percentile: float = 0.5,
+                        qsm_scaling: str = "compress") -> np.ndarray:
     """float32 in [0, 1] inside ``mask``, 0 outside, CMBs bright.
 
     SWI / T2*-GRE: ``1 - I / I_high`` (the paper's inversion), with ``I_high`` the ``high_percentile``
     inside the brain rather than the single brightest voxel, so one hot voxel cannot squash the contrast.
-    QSM: ``(I - I_low) / (I_high - I_low)``, not inverted (paramagnetic CMBs are already bright).
+    (Magnitude signal cannot go below 0, so dark CMBs are not clipped by this.)
+    QSM: ``v = (I - I_low) / (I_high - I_low)``, not inverted (paramagnetic CMBs are already bright), then
+    ``qsm_scaling`` (see ``QSM_SCALINGS``) maps ``v > 1``.
     """
+    if qsm_scaling not in QSM_SCALINGS:
+        raise ValueError(f"qsm_scaling must be one of {QSM_SCALINGS}, not {qsm_scaling!r}")
     from CMBDetectLib.validation import normalise_modality
 
     modality = normalise_modality(modality)
@@ -376,6 +475,7 @@ def normalise_intensity(array: np.ndarray, mask: np.ndarray, modality: str,
         low, high = (float(v) for v in np.percentile(inside, [low_percentile, high_percentile]))
         if high <= low:
             low, high = float(inside.min()), float(inside.max())
-        values = np.clip((inside - low) / max(high - low, 1e-12), 0.0, 1.0)
+        values = (inside - low) / max(high - low, 1e-12)
+        values = np.clip(values, 0.0, 1.0) if qsm_scaling == "clip" else _compress_above_one(values)
     out[mask] = values
     return out

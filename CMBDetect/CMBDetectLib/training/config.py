@@ -87,6 +87,7 @@ class TrainingConfig:
     # preprocessing (must match inference: written to model.json)
     working_spacing_mm: float = 0.8
     vessel_suppression: bool = True
+    qsm_scaling: str = "compress"             # preprocessing.QSM_SCALINGS ("clip": packages up to 1.4.0)
     overlap: float = 0.25
     evidence_threshold: float = 0.05
     # thresholds
@@ -133,4 +134,9 @@ class TrainingConfig:
         for key in ("teacher_fc", "student_fc"):
             if key in values:
                 values[key] = tuple(values[key])
+        from CMBDetectLib.preprocessing import QSM_SCALINGS
+
+        if values.get("qsm_scaling", config.qsm_scaling) not in QSM_SCALINGS:
+            raise ValueError(f"qsm_scaling must be one of {', '.join(QSM_SCALINGS)}, "
+                             f"not {values['qsm_scaling']!r}")
         return replace(config, **values, **stages)

@@ -99,6 +99,9 @@ def default_cache_dir() -> Path:
 
 def feature_cache_key(image_sha256: str, modality: str, preprocessing: dict) -> str:
     """Everything that changes the features: the voxels, the modality, the settings, the code version."""
+    if modality != "qsm":
+        # QSM's scaling does not touch SWI / T2*-GRE features: their cached features stay valid.
+        preprocessing = {k: v for k, v in preprocessing.items() if k != "qsm_scaling"}
     settings = json.dumps({"modality": modality, "preprocessing": preprocessing, "version": __version__,
                            "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(f"{image_sha256}\n{settings}".encode()).hexdigest()
@@ -135,7 +138,7 @@ def cached_features(image_path: Path, modality: str, preprocessing: dict,
 
     ``cache_dir=None`` disables caching. A corrupt cache file is recomputed and replaced.
     """
-    from CMBDetectLib.features import compute_features
+    from CMBDetectLib.features import compute_features, feature_settings
     from CMBDetectLib.volume import read_volume
 
     key = feature_cache_key(sha256_file(image_path), modality, preprocessing)
@@ -146,9 +149,7 @@ def cached_features(image_path: Path, modality: str, preprocessing: dict,
                 return stored["channels"], stored["brain_mask"], _grid_from_json(str(stored["grid"]))
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable: compute again below and overwrite it
-    features = compute_features(read_volume(image_path), modality,
-                                working_spacing_mm=float(preprocessing.get("working_spacing_mm", 0.8)),
-                                vessel_suppression=bool(preprocessing.get("vessel_suppression", True)))
+    features = compute_features(read_volume(image_path), modality, **feature_settings(preprocessing))
     channels = features.channels.astype(np.float16)
     if path is not None:
         _save_npz_atomic(path, channels=channels, brain_mask=features.brain_mask,

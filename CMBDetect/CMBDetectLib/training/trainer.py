@@ -25,6 +25,7 @@ import torch
 from CMBDetectLib import __version__
 from CMBDetectLib.device import describe_device, select_device
 from CMBDetectLib.errors import InputError, ModelError
+from CMBDetectLib.features import feature_settings
 from CMBDetectLib.networks import ShallowUNet, StudentNet, TeacherNet, network_config
 from CMBDetectLib.progress import ProgressCallback, no_progress, scaled
 from CMBDetectLib.training.config import StageConfig, TrainingConfig
@@ -150,14 +151,17 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
 
     base = ModelPackage.load(init_model) if init_model is not None else None
     preprocessing = {"working_spacing_mm": settings.working_spacing_mm,
-                     "vessel_suppression": settings.vessel_suppression, "overlap": settings.overlap,
-                     "evidence_threshold": settings.evidence_threshold}
+                     "vessel_suppression": settings.vessel_suppression, "qsm_scaling": settings.qsm_scaling,
+                     "overlap": settings.overlap, "evidence_threshold": settings.evidence_threshold}
     if base is not None:
-        # The networks only understand inputs made the way they were trained.
+        # The networks only understand inputs made the way they were trained (a package that does not
+        # record a feature setting was trained with that setting's legacy value).
         preprocessing.update({k: v for k, v in base.preprocessing.items() if k in preprocessing})
+        preprocessing.update(feature_settings(base.preprocessing))
         settings = dataclasses.replace(
             settings, working_spacing_mm=float(preprocessing["working_spacing_mm"]),
             vessel_suppression=bool(preprocessing["vessel_suppression"]),
+            qsm_scaling=str(preprocessing["qsm_scaling"]),
             overlap=float(preprocessing["overlap"]),
             evidence_threshold=float(preprocessing["evidence_threshold"]),
             inference_patch_size=base.patch_size("stage1"),
