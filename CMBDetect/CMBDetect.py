@@ -394,11 +394,11 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ inputs
     def onInputVolumeChanged(self, node) -> None:
         if node is not None and self._parameterNode is not None:
-            self._parameterNode.modality = self.logic.guessModality(node)
+            self.logic.setModality(self.logic.guessModality(node))
 
     def onModalityChanged(self, index: int) -> None:
         if self._parameterNode is not None and 0 <= index < len(MODALITIES):
-            self._parameterNode.modality = MODALITIES[index]
+            self.logic.setModality(MODALITIES[index])
 
     def onDeviceChanged(self, index: int) -> None:
         qt.QSettings().setValue(SETTINGS_DEVICE, DEVICES[max(index, 0)])
@@ -766,11 +766,28 @@ class CMBDetectLogic(ScriptedLoadableModuleLogic):
         from CMBDetectLib.pipeline import DetectionParameters
 
         path = model or self.selectedModelPath() or "default"
-        parameters = DetectionParameters.for_model(ModelPackage.load(path))
         node = self.getParameterNode()
+        parameters = DetectionParameters.for_model(ModelPackage.load(path), node.modality)
         self.parametersToNode(parameters, node)
         node.thresholdsFromModel = str(path)
         return parameters
+
+    def setModality(self, modality: str) -> None:
+        """Change the modality; Th_Cdisc follows the model's value for it while the user has not changed it
+        (``DetectionParameters.following_modality``)."""
+        from CMBDetectLib.model_package import ModelPackage
+
+        node = self.getParameterNode()
+        old = node.modality
+        if modality == old:
+            return
+        node.modality = modality
+        if node.thresholdsFromModel and self.reviewSession is None:
+            try:
+                model = ModelPackage.load(node.thresholdsFromModel)
+            except Exception:  # the model is gone: keep the thresholds as they are
+                return
+            self.parametersToNode(self.parametersFromNode(node).following_modality(model, old, modality), node)
 
     def ensureDependencies(self) -> None:
         """Install what the engine needs, only when the user asks for a detection (never at import)."""

@@ -16,6 +16,7 @@ from CMBDetectLib.calibration import (
     ScanCandidates,
     by_modality,
     choose,
+    choose_th_disc_by_modality,
     collect,
     sweep,
     write_calibration,
@@ -63,6 +64,53 @@ def test_the_chosen_point_is_reported_per_modality():
     counts = by_modality([swi, qsm], chosen)
     assert {m: (c["tp"], c["fp"], c["n_gt"], c["n_scans"]) for m, c in counts.items()} == {
         "qsm": (0, 0, 1, 1), "swi": (1, 1, 2, 1)}
+
+
+def _modality_scans():
+    # SWI: its CMB scores 0.9, a mimic 0.6; QSM: its CMB scores 0.6 (less sharp), no mimic above 0.3.
+    swi = ScanCandidates("s", "swi", 1, _scan(p_disc=[0.9, 0.6], volume=[10, 10], ellipticity=[0.1, 0.1],
+                                              edge=[20, 20], hits=[[1], []], n_gt=1).by_th_det)
+    qsm = ScanCandidates("q", "qsm", 1, _scan(p_disc=[0.6, 0.3], volume=[10, 10], ellipticity=[0.1, 0.1],
+                                              edge=[20, 20], hits=[[1], []], n_gt=1).by_th_det)
+    return [swi, qsm]
+
+
+def test_each_modality_gets_its_own_discrimination_threshold():
+    scans = _modality_scans()
+    grid = _grid(th_disc=(0.2, 0.5, 0.7, 0.9), max_ellipticity=(1.0,))
+    # With no false positive allowed, one shared th_disc must choose between SWI's mimic and QSM's CMB.
+    joint = choose(sweep(scans, grid), max_fp_per_scan=0.0)
+    assert (joint.tp, joint.fp, joint.th_disc) == (1, 0, 0.9)
+    own = choose_th_disc_by_modality(scans, joint, grid, max_fp_per_scan=0.0)
+    # SWI keeps the shared value (ties go to it), QSM gets the lower one that finds its CMB.
+    assert {m: (p.th_disc, p.tp, p.fp) for m, p in own.items()} == {"swi": (0.9, 1, 0), "qsm": (0.5, 1, 0)}
+    assert all(p.th_det == joint.th_det and p.max_ellipticity == joint.max_ellipticity for p in own.values())
+
+
+def test_per_modality_thresholds_reach_detection_and_follow_a_modality_switch(tmp_path, tiny_model):
+    import shutil
+
+    package = tmp_path / "model"
+    shutil.copytree(tiny_model.path, package)
+    scans = _modality_scans()
+    grid = _grid(th_disc=(0.2, 0.5, 0.7, 0.9), max_ellipticity=(1.0,))
+    points = sweep(scans, grid)
+    joint = choose(points, max_fp_per_scan=0.0)
+    own = choose_th_disc_by_modality(scans, joint, grid, max_fp_per_scan=0.0)
+    record = write_calibration(package, joint, points, scans, {"seed": 1}, max_fp_per_scan=0.0,
+                               th_disc_by_modality=own)
+    assert record["with_th_disc_by_modality"]["tp"] == 2 and record["with_th_disc_by_modality"]["fp"] == 0
+    model = ModelPackage.load(package)
+    assert model.thresholds["th_disc_by_modality"] == {"qsm": 0.5, "swi": 0.9}
+    assert DetectionParameters.for_model(model, "QSM").th_disc == 0.5
+    assert DetectionParameters.for_model(model, "swi").th_disc == 0.9
+    assert DetectionParameters.for_model(model).th_disc == joint.th_disc            # modality unknown: shared
+    assert DetectionParameters.for_model(model, "qsm", th_disc=0.8).th_disc == 0.8  # the user's value wins
+    # Switching SWI -> QSM moves th_disc only while it still is the model's SWI value.
+    swi = DetectionParameters.for_model(model, "swi")
+    assert swi.following_modality(model, "swi", "qsm").th_disc == 0.5
+    chosen_by_user = DetectionParameters(**{**swi.to_dict(), "th_disc": 0.65})
+    assert chosen_by_user.following_modality(model, "swi", "qsm").th_disc == 0.65
 
 
 def _point(tp, fp, th_disc=0.5, max_ellipticity=0.2, n_gt=10, n_scans=2):

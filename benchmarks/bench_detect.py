@@ -54,7 +54,7 @@ def run_scenario(name: str, model_name: str, device: str, repeats: int) -> dict:
 
     volume = make_scan(name)
     model = ModelPackage.load(model_name)
-    base = DetectionParameters.for_model(model)
+    base = DetectionParameters.for_model(model, "swi")
     start = time.perf_counter()
     session = DetectionSession(model, device=device)
     result = session.run(volume, "swi", None, base)

@@ -22,6 +22,7 @@ from CMBDetectLib.calibration import (  # noqa: E402
     CalibrationGrid,
     better,
     choose,
+    choose_th_disc_by_modality,
     collect,
     sweep,
     write_calibration,
@@ -57,8 +58,10 @@ def calibrate(model_dir: Path, dev_dir: Path = Path("build/evaluation_dev/dev"),
     # test-time flips cost 8 student passes: only when they find more (or as many with fewer false positives)
     flips = better(results[True][0], results[False][0])
     chosen, points, scans = results[flips]
+    per_modality = choose_th_disc_by_modality(scans, chosen, grid, max_fp_per_scan)
     record = write_calibration(
         model_dir, chosen, points, scans, max_fp_per_scan=max_fp_per_scan, student_flips=flips,
+        th_disc_by_modality=per_modality,
         alternatives={f"student_flips_{not flips}".lower(): results[not flips][0].to_dict()},
         description={"generator": "cmbdetect synth", "seed": DEV_SEED, "per_cell": per_cell,
                      "cells": "swi / t2s / qsm x slices 1 / 3 / 5 mm, in-plane 0.6-1.0 mm",
@@ -69,8 +72,13 @@ def calibrate(model_dir: Path, dev_dir: Path = Path("build/evaluation_dev/dev"),
     paper = record["at_training_threshold_and_paper_filters"]
     print(f"{model.label}: chosen {chosen.to_dict()}")
     for modality, point in record["chosen_by_modality"].items():
+        own = record["th_disc_by_modality"][modality]
         print(f"  {modality}: {point['tp']}/{point['n_gt']} CMBs (TPR {point['tpr']:.2f}), "
-              f"{point['fp_per_scan']:.2f} FP/scan on {point['n_scans']} scans")
+              f"{point['fp_per_scan']:.2f} FP/scan on {point['n_scans']} scans; with its own th_disc "
+              f"{own['th_disc']:g}: {own['tp']}/{own['n_gt']} CMBs, {own['fp_per_scan']:.2f} FP/scan")
+    both = record["with_th_disc_by_modality"]
+    print(f"  per-modality th_disc: {both['tp']}/{both['n_gt']} CMBs with {both['fp']} FP "
+          f"(shared th_disc: {chosen.tp} with {chosen.fp})")
     if paper:
         print(f"  (training threshold + paper filters: TPR {paper['tpr']:.3f} at {paper['fp_per_scan']:.2f} FP/scan)")
     print(f"  calibrated on {len(scans)} development scans in {time.perf_counter() - start:.0f} s")

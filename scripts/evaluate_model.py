@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import platform
 import shutil
@@ -30,7 +31,7 @@ from CMBDetectLib.baseline import detect_baseline
 from CMBDetectLib.evaluate import CMB_FATES, STAGE_TITLES, EvaluationReport, evaluate, write_froc_png
 from CMBDetectLib.features import LEGACY_QSM_SCALING, compute_features
 from CMBDetectLib.metrics import plot_froc, summarise
-from CMBDetectLib.model_package import ModelPackage
+from CMBDetectLib.model_package import ModelPackage, sha256_file
 from CMBDetectLib.volume import atomic_write_text, image_stem, read_volume, write_volume_atomic
 
 TEST_SEED = 5000          # training data uses 1000 (scripts/make_model.py); never the same scans
@@ -142,8 +143,13 @@ def baseline_features(image: Path, working_spacing: float):
 
 
 def choose_baseline_threshold(train: Path, out: Path, working_spacing: float, n_cases: int) -> float:
-    """Best-F1 FRST threshold on training scans (the test set is never used to tune anything)."""
-    images = sorted((train / "imagesTr").glob("*.nii.gz"))[:n_cases]
+    """Best-F1 FRST threshold on ``n_cases`` training scans spread evenly over the (name-sorted, so
+    modality-grouped) training set; the test set is never used to tune anything."""
+    every = sorted((train / "imagesTr").glob("*.nii.gz"))
+    images = every[:: max(1, len(every) // n_cases)][:n_cases]
+    # Predictions are cached under the scans' content (the same names may hold other scans elsewhere).
+    digest = hashlib.sha256("".join(sha256_file(p) for p in images).encode()).hexdigest()[:16]
+    out = out / digest
     thresholds = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     folders = {th: out / f"th_{th:.2f}" for th in thresholds}
     for folder in folders.values():
@@ -156,7 +162,7 @@ def choose_baseline_threshold(train: Path, out: Path, working_spacing: float, n_
                 baseline_write(image, folders[th], features, th)
     best = (-1.0, 0.5)
     for th, folder in folders.items():
-        report = evaluate(folder, train, allow_missing=True)
+        report = evaluate_selected(folder, train, images)
         f1 = summarise([s.clusterwise for s in report.scans])["f1"]
         print(f"baseline th_frst {th:.2f}: F1 {f1:.3f} on {len(images)} training scans")
         if np.isfinite(f1) and f1 > best[0]:
@@ -262,7 +268,7 @@ def main() -> int:
     if not args.no_baseline:
         train = Path(args.train_data)
         th_frst = choose_baseline_threshold(train, work / "baseline_tuning", working, 12) if train.is_dir() else 0.5
-        baseline_dir = work / "pred_baseline"
+        baseline_dir = work / f"pred_baseline_th{th_frst:.2f}"     # cached per threshold
         baseline_dir.mkdir(parents=True, exist_ok=True)
         for image in images:
             if not (baseline_dir / f"{image_stem(image)}_cmb.nii.gz").is_file():

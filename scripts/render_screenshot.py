@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         params = DetectionParameters(th_det=threshold_keeping(detection.probability, 12), th_disc=0.0,
                                      min_volume_mm3=0.0, max_ellipticity=1.0, min_edge_distance_mm=0.0)
     else:
-        params = DetectionParameters.for_model(model)
+        params = DetectionParameters.for_model(model, "swi")
         detection.run(case.image, "swi", params=params)
     result = detection.refilter(params)
 

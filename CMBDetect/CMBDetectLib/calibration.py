@@ -159,6 +159,28 @@ def choose(points: Sequence[OperatingPoint], max_fp_per_scan: float = 1.0,
     return min(allowed, key=lambda p: (*_objective(p), _distance_from_paper(p, default_th_det), -p.th_disc))
 
 
+def choose_th_disc_by_modality(scans: Sequence[ScanCandidates], joint: OperatingPoint, grid: CalibrationGrid,
+                               max_fp_per_scan: float = 1.0) -> dict[str, OperatingPoint]:
+    """Per modality, ``joint``'s ``th_det`` and filters with the ``th_disc`` that finds the most of that
+    modality's CMBs within the budget on that modality's scans (ties: fewer false positives, then closest to
+    the joint ``th_disc``).
+
+    The targets are per modality (a scan is one modality), and the student's scores are not equally sharp on
+    all three: one shared ``th_disc`` spends one modality's false-positive budget on another's CMBs.
+    Only ``th_disc`` varies, so ``th_det`` and the candidate cache stay shared.
+    """
+    chosen = {}
+    for modality in sorted({s.modality for s in scans}):
+        subset = [s for s in scans if s.modality == modality]
+        points = sweep(subset, CalibrationGrid(
+            th_det=(joint.th_det,), th_disc=grid.th_disc, min_volume_mm3=(joint.min_volume_mm3,),
+            max_ellipticity=(joint.max_ellipticity,), min_edge_distance_mm=(joint.min_edge_distance_mm,)))
+        allowed = [p for p in points if p.fp_per_scan <= max_fp_per_scan + 1e-9] or \
+            [min(points, key=lambda p: (p.fp, -p.tp))]
+        chosen[modality] = min(allowed, key=lambda p: (*_objective(p), abs(p.th_disc - joint.th_disc)))
+    return chosen
+
+
 def by_modality(scans: Sequence[ScanCandidates], point: OperatingPoint) -> dict[str, dict]:
     """The counts of ``point`` on each modality's scans (one operating point serves all modalities)."""
     grid = CalibrationGrid(th_det=(point.th_det,), th_disc=(point.th_disc,),
@@ -196,7 +218,8 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
 
 def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequence[OperatingPoint],
                       scans: Sequence[ScanCandidates], description: dict, max_fp_per_scan: float,
-                      student_flips: bool = False, alternatives: dict | None = None) -> dict:
+                      student_flips: bool = False, alternatives: dict | None = None,
+                      th_disc_by_modality: dict[str, OperatingPoint] | None = None) -> dict:
     """Put the chosen operating point into ``model.json`` (thresholds + post-processing + test-time
     flips + a record of how they were chosen); ``alternatives``: what the other settings achieved."""
     manifest_path = Path(package_dir) / "model.json"
@@ -207,6 +230,8 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "inference": manifest.get("inference")}
     manifest["inference"] = {**(manifest.get("inference") or {}), "student_flips": bool(student_flips)}
     manifest["thresholds"] = {"th_det": chosen.th_det, "th_disc": chosen.th_disc}
+    if th_disc_by_modality:
+        manifest["thresholds"]["th_disc_by_modality"] = {m: p.th_disc for m, p in th_disc_by_modality.items()}
     manifest["postprocessing"] = {"min_volume_mm3": chosen.min_volume_mm3,
                                   "max_ellipticity": chosen.max_ellipticity,
                                   "min_edge_distance_mm": chosen.min_edge_distance_mm}
@@ -230,6 +255,13 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "student_flips": bool(student_flips), "alternatives": alternatives or {},
         "chosen_by_modality": by_modality(scans, chosen),
     }
+    if th_disc_by_modality:
+        record["th_disc_by_modality"] = {m: p.to_dict() for m, p in th_disc_by_modality.items()}
+        total = {"tp": sum(p.tp for p in th_disc_by_modality.values()),
+                 "fp": sum(p.fp for p in th_disc_by_modality.values())}
+        record["with_th_disc_by_modality"] = {**total, "n_gt": record["cmbs"], "n_scans": len(scans),
+                                              "tpr": round(total["tp"] / max(record["cmbs"], 1), 4),
+                                              "fp_per_scan": round(total["fp"] / max(len(scans), 1), 4)}
     manifest["calibration"] = record
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return record

@@ -43,15 +43,37 @@ class DetectionParameters:
     min_edge_distance_mm: float = PostprocessingParameters.min_edge_distance_mm
 
     @classmethod
-    def for_model(cls, model: ModelPackage | None, **overrides: Any) -> DetectionParameters:
-        """The model's recommended defaults, then ``overrides`` (``None`` values are ignored)."""
+    def for_model(cls, model: ModelPackage | None, modality: str | None = None,
+                  **overrides: Any) -> DetectionParameters:
+        """The model's recommended defaults, then ``overrides`` (``None`` values are ignored).
+
+        ``modality``: the model's ``Th_Cdisc`` for that modality where it has one
+        (``thresholds.th_disc_by_modality``, chosen by calibration); otherwise its shared ``th_disc``.
+        """
         values: dict[str, Any] = {}
         if model is not None:
             values.update({k: v for k, v in model.thresholds.items() if k in ("th_det", "th_disc")})
             values.update({k: v for k, v in model.postprocessing.items()
                            if k in ("min_volume_mm3", "max_ellipticity", "min_edge_distance_mm")})
+            if modality is not None:
+                from CMBDetectLib.validation import normalise_modality
+
+                by_modality = model.thresholds.get("th_disc_by_modality") or {}
+                if normalise_modality(modality) in by_modality:
+                    values["th_disc"] = by_modality[normalise_modality(modality)]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
+
+    def following_modality(self, model: ModelPackage | None, old: str | None, new: str) -> DetectionParameters:
+        """These parameters after the user switched the modality from ``old`` to ``new``: ``th_disc``
+        follows the model's per-modality value only while it still is the model's value for ``old``
+        (a threshold the user chose is never overwritten)."""
+        if model is None:
+            return self
+        recommended_old = DetectionParameters.for_model(model, old).th_disc
+        if abs(self.th_disc - recommended_old) > 1e-6:
+            return self
+        return replace_parameters(self, th_disc=DetectionParameters.for_model(model, new).th_disc)
 
     @classmethod
     def from_dict(cls, values: dict) -> DetectionParameters:
@@ -208,9 +230,9 @@ class DetectionSession:
 
         if self.model is None:
             raise ModelError("no model given: detection needs a model package")
-        params = params or DetectionParameters.for_model(self.model)
-        params.validate()
         self.modality = normalise_modality(modality)
+        params = params or DetectionParameters.for_model(self.model, self.modality)
+        params.validate()
         preprocessing = self.model.preprocessing
         start = time.perf_counter()
         self.features = compute_features(volume, self.modality, mask, progress=scaled(self.progress, 0.0, 0.45),

@@ -227,9 +227,9 @@ class ScanGrid:
         boxes = self._object_boxes(labels_working)
         if not boxes:
             return out
-        # Working array with a zero plane at index -1 of each axis, for input voxels outside the working grid.
-        padded = np.pad(labels_working, [(0, 1)] * 3)
-        permutation = [working_axis for working_axis, _ in axes]
+        # Input axis n reads working axis permutation[n]; only input indices whose nearest working index lies
+        # in the object's box are read, so none falls outside the working grid.
+        source = labels_working.transpose([working_axis for working_axis, _ in axes])
         for box in boxes:
             ranges = []
             for working_axis, nearest in axes:
@@ -238,9 +238,7 @@ class ScanGrid:
                 ranges.append(slice(int(hits[0]), int(hits[-1]) + 1) if hits.size else None)
             if any(r is None for r in ranges):
                 continue
-            index = [nearest[r] for (_, nearest), r in zip(axes, ranges)]
-            # input axis n reads working axis permutation[n]
-            block = padded.transpose(permutation)[np.ix_(*index)]
+            block = source[np.ix_(*[nearest[r] for (_, nearest), r in zip(axes, ranges)])]
             if values is not None:
                 block = values[block]
             np.copyto(out[tuple(ranges)], block, where=block > 0)

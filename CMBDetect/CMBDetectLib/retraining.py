@@ -179,7 +179,6 @@ def evaluate_model(model: ModelPackage, dataset_dir: Path, work_dir: Path, devic
     dataset = load_dataset(dataset_dir, recover=False)
     pred_dir = work_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
-    params = DetectionParameters.for_model(model)
     for index, case in enumerate(dataset.cases):
         if cancel is not None and cancel():
             raise CancelledError("retraining cancelled")
@@ -187,7 +186,8 @@ def evaluate_model(model: ModelPackage, dataset_dir: Path, work_dir: Path, devic
         image_path = case.path("image")
         volume = read_volume(image_path)
         session = DetectionSession(model, device=device, progress=step, cancel=cancel)
-        result = session.run(volume, case.modality or dataset.modality or "swi", None, params)
+        modality = case.modality or dataset.modality or "swi"
+        result = session.run(volume, modality, None, DetectionParameters.for_model(model, modality))
         stem = image_path.name[: -len(".nii.gz")]
         write_volume_atomic(result.final_labels(), pred_dir / f"{stem}_cmb.nii.gz")
         record = result.to_json_dict(str(image_path), case.modality, image_shape=volume.shape_ijk,
@@ -227,7 +227,7 @@ def make_pseudo_label_dataset(model: ModelPackage, images: Sequence[str], modali
         step = scaled(progress, index / len(images), (index + 1) / len(images))
         volume = read_volume(image_path)
         session = DetectionSession(model, device=device, progress=step, cancel=cancel)
-        result = session.run(volume, modality, None, DetectionParameters.for_model(model))
+        result = session.run(volume, modality, None, DetectionParameters.for_model(model, modality))
         confident = [c for c in result.final_candidates if c.p_disc >= threshold]
         if not confident:
             warnings.append(f"pseudo-labels: no confident detection on {Path(image_path).name}")

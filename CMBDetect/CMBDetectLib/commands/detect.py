@@ -53,9 +53,9 @@ def run(args: argparse.Namespace) -> int:
         progress, emit = no_progress, None
     out_dir = Path(args.out)
     model = ModelPackage.load(args.model)
-    params = DetectionParameters.for_model(
-        model, th_det=args.th_det, th_disc=args.th_disc, min_volume_mm3=args.min_volume_mm3,
-        max_ellipticity=args.max_ellipticity, min_edge_distance_mm=args.min_edge_distance_mm)
+    overrides = {"th_det": args.th_det, "th_disc": args.th_disc, "min_volume_mm3": args.min_volume_mm3,
+                 "max_ellipticity": args.max_ellipticity, "min_edge_distance_mm": args.min_edge_distance_mm}
+    DetectionParameters.for_model(model, **overrides)         # bad values fail before any image is read
     mask = read_volume(args.mask) if args.mask else None
     failures = 0
     for index, image_path in enumerate(args.images):
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
                 Path(image_path).name, volume.array)
             session = DetectionSession(model, device=args.device, batch_size=args.batch_size,
                                        progress=_per_image(progress, index, len(args.images), image_path))
+            # the model's Th_Cdisc for this scan's modality, unless --th-disc says otherwise
+            params = DetectionParameters.for_model(model, modality, **overrides)
             result = session.run(volume, modality, mask, params)
             outputs = _write_outputs(out_dir, image_path, volume, modality, result, session, args.save_prob)
         except CMBDetectError as error:
