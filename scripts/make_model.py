@@ -28,8 +28,12 @@ from CMBDetectLib.progress import text_progress
 from CMBDetectLib.training.trainer import train_model
 
 NAME = "cmbdetect-synth"
-VERSION = "1.4.0"
+VERSION = "1.5.0"
 TRAIN_SEED = 1000
+# The no-KD ablation student's seed. With 1000 (1.5.0's candidates) the CE-only student did not learn at all
+# (training loss 0.68 -> 0.62, development set 83 of 150 CMBs, its scores all near 0.6); with 1001 it trains
+# normally. Both runs are reported in the README; `make evaluate` uses this one.
+ABLATION_SEED = 1001
 # More CMBs per scan than the clinical priors (min 2): positives are what the networks must learn from;
 # every scan still carries the full set of mimics (veins, calcifications, iron, air artefacts).
 # 1.4.0: as many SWI as T2*-GRE as QSM scans ("balanced"); 1.0.0-1.2.0 drew them 50 / 30 / 20 % ("mixed") and
@@ -67,6 +71,13 @@ CONFIG = {
     # <= 0.5 FP/scan 112 vs 112, <= 1: 118 (34 FP) vs 117 (35 FP), <= 2: 124 vs 121 (35 min of training).
     # Tried for 1.4.1 and NOT shipped: the same with a teacher trained 4x longer (10 x 200 steps, decay every
     # 3 epochs): teacher validation loss 0.516 -> 0.516, development set 117 CMBs with 34 FP (no gain).
+    # 1.5.0: 1.4.0's recipe with QSM scaled by "compress" instead of "clip" (preprocessing.QSM_SCALINGS): 1.4.0
+    # saw every CMB, vein and iron-rich nucleus above the brain's 99.5th percentile as the same 1.0 on QSM (CMB
+    # peaks lie at 1.2-5.8x that level). Every network's validation loss fell (stage 1 0.41 -> 0.35, teacher
+    # 0.52 -> 0.47, student 0.45 -> 0.34), stage-1 false candidates 10.9 -> 8.4 per validation scan; on the
+    # development set, shared operating point: <= 0.25 FP/scan 99 vs 87 CMBs, <= 1: 118 (35 FP) vs 118 (34),
+    # <= 2: 126 vs 124; with the per-modality Th_Cdisc that calibration now chooses: 120 with 31 FP.
+    "qsm_scaling": "compress",
     "stage1": {"epochs": 8, "steps_per_epoch": 200, "max_minutes": 45.0, "patience": 3},
     "teacher": {"epochs": 6, "steps_per_epoch": 100, "max_minutes": 25.0, "patience": 3,
                 "augmentation": {"flip_probability": 0.5}},
@@ -131,7 +142,7 @@ def train_ablation(data: Path, work: Path, config: dict, quick: bool) -> Path:
     out = work / f"{NAME}-nokd-{config['version']}"
     if out.exists():
         shutil.rmtree(out)
-    package = train_model([data], out, config=ablation_config, seed=TRAIN_SEED, progress=text_progress(),
+    package = train_model([data], out, config=ablation_config, seed=ABLATION_SEED, progress=text_progress(),
                           resume=True, work_dir=ablation_work)
     if not quick:
         calibrate(package.path)      # its own operating point, chosen exactly like the main model's

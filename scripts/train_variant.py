@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--version", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="recipe change, e.g. teacher.epochs=10 or student.augmentation.flip_probability=0.5")
+    parser.add_argument("--seed", type=int, default=TRAIN_SEED,
+                        help="training seed of the teacher and student (stage 1 is reused as trained)")
     args = parser.parse_args()
     work = Path(args.work)
     config = json.loads(json.dumps(CONFIG))
@@ -51,10 +53,10 @@ def main() -> int:
     out = work / f"{config['name']}-{args.version}"
     if out.exists():
         shutil.rmtree(out)
-    package = train_model([work / "data" / "train"], out, config=config, seed=TRAIN_SEED, progress=text_progress(),
+    package = train_model([work / "data" / "train"], out, config=config, seed=args.seed, progress=text_progress(),
                           resume=True, work_dir=variant_work)
     calibrate(package.path)
-    print(f"variant {package.path} (data {DATA}); changes: {args.set}")
+    print(f"variant {package.path} (data {DATA}, seed {args.seed}); changes: {args.set}")
     return 0
 
 
