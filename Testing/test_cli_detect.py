@@ -139,3 +139,21 @@ def test_full_disk_gives_one_line_and_leaves_nothing(tiny_model, scan_path, tmp_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in result.stderr, result.stderr
     assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
+
+
+def test_detect_uses_the_models_threshold_for_the_scans_modality(tiny_model, scan_path, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model.path, model)
+    manifest = json.loads((model / "model.json").read_text())
+    manifest["thresholds"]["th_disc_by_modality"] = {"swi": 0.123, "qsm": 0.456}   # as calibration writes
+    (model / "model.json").write_text(json.dumps(manifest))
+    for extra, expected in (([], 0.123), (["--modality", "qsm"], 0.456), (["--th-disc", "0.2"], 0.2)):
+        out = tmp_path / f"out{expected}"
+        result = run_cli("detect", str(scan_path), "--out", str(out), "--model", str(model), "--device", "cpu",
+                         "--progress", "none", *extra)
+        assert result.returncode == 0, result.stderr
+        assert f"Th_Cdisc {expected:g};" in result.stdout            # the summary says which value it used
+        record = json.loads((out / "sub-01_swi_candidates.json").read_text())
+        assert record["parameters"]["th_disc"] == pytest.approx(expected)

@@ -129,6 +129,10 @@ def _print_summary(image_path, modality, why, device, result, outputs, elapsed) 
     counts = result.counts_by_reason()
     print(f"{image_path}: {len(final)} CMB(s) from {len(result.candidates)} candidates "
           f"({modality}, {why}; {device}; {elapsed:.1f} s)")
+    params = result.parameters
+    print(f"  thresholds: Th_Cdet {params.th_det:g}, Th_Cdisc {params.th_disc:g}; volume >= "
+          f"{params.min_volume_mm3:g} mm3, ellipticity <= {params.max_ellipticity:g}, "
+          f"edge distance >= {params.min_edge_distance_mm:g} mm")
     removed = ", ".join(f"{counts[k]} by {k.replace('_', ' ')}" for k in
                         ("discrimination", "volume", "ellipticity", "edge_distance") if counts.get(k))
     if removed:
