@@ -7,7 +7,7 @@
 4. Install the package as ``CMBDetect/Resources/Models/<name>-<version>/`` (refuses to overwrite unless
    ``--force``), and train + calibrate the no-KD ablation student used by ``make evaluate``.
 
-Budgets are set so the whole run fits in about 50 minutes on a 2-core CPU (the issue allows 2 hours);
+Budgets are set so the whole run fits in about 35 minutes on a 2-core CPU (the issue allows 2 hours);
 ``--quick`` is a smoke test.
 """
 
