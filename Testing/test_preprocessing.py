@@ -235,7 +235,7 @@ def test_qsm_compression_keeps_how_paramagnetic_a_bright_spot_is():
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
 @pytest.mark.parametrize("spacing", [(0.45, 0.45, 1.0), (0.8, 0.8, 3.0), (0.5, 0.7, 0.6)])
-def test_sparse_label_mapping_equals_the_full_resample(name, spacing):
+def test_sparse_label_mapping_equals_the_full_resample(name, spacing, monkeypatch):
     direction, _ = GEOMETRIES[name]
     grid = ScanGrid.from_image(_image((70, 64, 40), spacing, direction), working_spacing_mm=0.8)
     grid = grid.cropped((1, 2, 3), np.array(grid.working_shape) - (2, 1, 3))     # cropped like detection
@@ -253,6 +253,10 @@ def test_sparse_label_mapping_equals_the_full_resample(name, spacing):
     mapped = grid.sparse_labels_to_input(labels, values=ids)
     assert mapped.dtype == np.uint16
     np.testing.assert_array_equal(mapped, ids[full])
+    # A geometry that is not axis-separable falls back to the full resample, values still applied.
+    with monkeypatch.context() as patch:
+        patch.setattr(ScanGrid, "_input_to_working_axes", lambda self: None)
+        np.testing.assert_array_equal(grid.sparse_labels_to_input(labels, values=ids), ids[full])
     empty = grid.sparse_labels_to_input(np.zeros(grid.working_shape, np.int32))
     assert empty.shape == full.shape and not empty.any()
     with pytest.raises(ValueError, match="values must map"):

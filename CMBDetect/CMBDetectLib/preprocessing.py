@@ -218,11 +218,12 @@ class ScanGrid:
         if labels_working.shape != self.working_shape:
             raise ValueError(f"label array {labels_working.shape} does not match the working grid "
                              f"{self.working_shape}")
-        axes = self._input_to_working_axes()
-        if axes is None:
-            return self.labels_to_input(labels_working)
         if values is not None and (len(values) <= int(labels_working.max(initial=0)) or values[0] != 0):
             raise ValueError("values must map every label of the map, and 0 to 0")
+        axes = self._input_to_working_axes()
+        if axes is None:                                  # not separable: resample the whole grid
+            full = self.labels_to_input(labels_working)
+            return full if values is None else values[full]
         out = np.zeros(tuple(self.input_size[::-1]), dtype=labels_working.dtype if values is None else values.dtype)
         boxes = self._object_boxes(labels_working)
         if not boxes:
