@@ -55,9 +55,9 @@ def run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def case_index(image: Path) -> int:
-    """``synth_<modality>_<index>_0000.nii.gz`` -> index (= 100 * cell + position in the cell)."""
-    return int(image.name.split("_")[2])
+def case_index(image: Path | str) -> int:
+    """``synth_<modality>_<index>[_0000.nii.gz]`` (file or case name) -> index (= 100 * cell + position)."""
+    return int(Path(image).name.split("_")[2])
 
 
 def make_test_set(out: Path, per_cell: int, seed: int) -> None:
@@ -303,7 +303,7 @@ def main() -> int:
              "## Where CMBs and false candidates are removed",
              "A CMB counts where the furthest of its candidates stopped; a false candidate where it was removed.",
              "", *removal_table(learned)]
-    previous = [scan for scan in learned.scans if int(scan.case.split("_")[2]) % 100 < PREVIOUS_TEST_PER_CELL]
+    previous = [scan for scan in learned.scans if case_index(scan.case) % 100 < PREVIOUS_TEST_PER_CELL]
     if not dev and PREVIOUS_TEST_PER_CELL < per_cell:
         lines += ["", f"## The same, on the first {PREVIOUS_TEST_PER_CELL} scans of each cell "
                       f"(the {len(previous)}-scan test set of the 1.0.0-1.4.0 reports)",

@@ -59,8 +59,9 @@ class DetectionParameters:
                 from CMBDetectLib.validation import normalise_modality
 
                 by_modality = model.thresholds.get("th_disc_by_modality") or {}
-                if normalise_modality(modality) in by_modality:
-                    values["th_disc"] = by_modality[normalise_modality(modality)]
+                own = by_modality.get(normalise_modality(modality))
+                if own is not None:
+                    values["th_disc"] = own
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
 

@@ -108,22 +108,28 @@ def _ellipticity_from_covariance(covariance: np.ndarray) -> np.ndarray:
     return np.clip(np.where(major > 0, 1.0 - ratio, 0.0), 0.0, 1.0)
 
 
+def _component_voxels(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(flat indices, label)`` of every voxel of components ``1..count`` (one pass over the map)."""
+    flat = np.asarray(labels).ravel()
+    foreground = np.flatnonzero(flat)
+    component = flat[foreground].astype(np.int64)
+    keep = component <= count
+    return foreground[keep], component[keep]
+
+
 def component_ellipticities(labels: np.ndarray, spacing_zyx: Sequence[float],
-                            count: int | None = None) -> np.ndarray:
+                            count: int | None = None,
+                            voxels: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Ellipticity of components ``1..count`` of a label map, all at once (index 0 = label 1).
 
-    Labels with no voxels get 0.
+    Labels with no voxels get 0. ``voxels``: ``_component_voxels(labels, count)`` when the caller has it.
     """
     labels = np.asarray(labels)
     count = int(labels.max(initial=0)) if count is None else int(count)
     if count == 0:
         return np.zeros(0)
     spacing = np.asarray(spacing_zyx, dtype=float)
-    flat = labels.ravel()
-    foreground = np.flatnonzero(flat)
-    component = flat[foreground].astype(np.int64)
-    keep = component <= count
-    foreground, component = foreground[keep], component[keep]
+    foreground, component = voxels if voxels is not None else _component_voxels(labels, count)
     n_bins = count + 1
 
     boxes = ndimage.find_objects(labels, max_label=count)
@@ -165,16 +171,12 @@ def measure_shapes(candidates: Sequence[Candidate], labels: np.ndarray, brain_ma
     if not candidates:
         return {}
     count = max(c.label for c in candidates)
-    ellipticities = component_ellipticities(labels, spacing_zyx, count=count)
     distance = np.asarray(brain_mask_distance_mm)
     if distance.shape != np.shape(labels):
         raise ValueError(f"distance map shape {distance.shape} does not match the labels {np.shape(labels)}")
-    # Mean over each component's voxels only (not a pass over the whole, possibly 40 M-voxel, map per label).
-    flat = np.asarray(labels).ravel()
-    foreground = np.flatnonzero(flat)
-    component = flat[foreground].astype(np.int64)
-    inside = component <= count
-    foreground, component = foreground[inside], component[inside]
+    # One pass over the map finds the components' voxels; shapes and edge distances use only those.
+    foreground, component = _component_voxels(labels, count)
+    ellipticities = component_ellipticities(labels, spacing_zyx, count=count, voxels=(foreground, component))
     sums = np.bincount(component, weights=distance.ravel()[foreground].astype(np.float64), minlength=count + 1)
     voxels = np.bincount(component, minlength=count + 1)
     with np.errstate(invalid="ignore", divide="ignore"):
