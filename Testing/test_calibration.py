@@ -16,6 +16,7 @@ from CMBDetectLib.calibration import (
     ScanCandidates,
     by_modality,
     choose,
+    choose_for_modalities,
     choose_th_disc_by_modality,
     collect,
     sweep,
@@ -111,6 +112,26 @@ def test_per_modality_thresholds_reach_detection_and_follow_a_modality_switch(tm
     assert swi.following_modality(model, "swi", "qsm").th_disc == 0.5
     chosen_by_user = DetectionParameters(**{**swi.to_dict(), "th_disc": 0.65})
     assert chosen_by_user.following_modality(model, "swi", "qsm").th_disc == 0.65
+
+
+def test_the_shared_setting_is_chosen_for_the_per_modality_thresholds():
+    """th_det 0.5 is the best shared point, but at th_det 0.3 QSM finds one more CMB with its own th_disc."""
+    def scan(name, modality, by_th_det, n_gt):
+        return ScanCandidates(name, modality, n_gt, {
+            th: CandidateTable(np.array(p, float), np.full(len(p), 10.0), np.full(len(p), 0.1),
+                               np.full(len(p), 20.0), hits) for th, (p, hits) in by_th_det.items()})
+
+    # scores of (CMB, CMB, mimic) on SWI and QSM at each th_det; QSM's second CMB appears only at 0.3
+    swi = scan("s", "swi", {0.5: ([0.9, 0.9, 0.5], [[1], [2], []]), 0.3: ([0.9, 0.9, 0.4], [[1], [2], []])}, 2)
+    qsm = scan("q", "qsm", {0.5: ([0.6, 0.55], [[1], []]), 0.3: ([0.5, 0.35, 0.3], [[1], [2], []])}, 2)
+    grid = _grid(th_det=(0.3, 0.5), th_disc=(0.35, 0.45, 0.6, 0.9), max_ellipticity=(1.0,))
+    # No false positive allowed. Shared: 3 CMBs at either th_det (0.5 is closer to the paper's default).
+    shared_only = choose(sweep([swi, qsm], grid), max_fp_per_scan=0.0)
+    assert (shared_only.th_det, shared_only.th_disc, shared_only.tp, shared_only.fp) == (0.5, 0.6, 3, 0)
+    # Per modality: 3 CMBs at th_det 0.5 (QSM's mimic outscores nothing but its CMB), 4 at th_det 0.3.
+    shared, own = choose_for_modalities([swi, qsm], grid, max_fp_per_scan=0.0)
+    assert (shared.th_det, shared.th_disc, shared.tp, shared.fp) == (0.3, 0.45, 3, 0)
+    assert {m: (p.th_disc, p.tp, p.fp) for m, p in own.items()} == {"swi": (0.45, 2, 0), "qsm": (0.35, 2, 0)}
 
 
 def _point(tp, fp, th_disc=0.5, max_ellipticity=0.2, n_gt=10, n_scans=2):

@@ -166,6 +166,35 @@ def test_estimate_brain_mask(skull):
     assert dice > (0.9 if skull else 0.99)
 
 
+def test_brain_mask_keeps_a_dark_lesion_at_the_brain_surface():
+    """A blooming CMB just under the cortex is as dark as bone on SWI; the mask must still cover it."""
+    from CMBDetectLib.features import LEGACY_BRAIN_MASK, feature_settings
+
+    spacing = (1.0, 0.8, 0.8)
+    image, brain = _head(shape=(64, 80, 72), spacing=spacing)
+    sp = np.array(spacing)
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(image.shape, sp)], indexing="ij")
+    brain_voxels = np.argwhere(brain)
+    # the lesion's centre: 2 mm inside the brain surface, on the left-right axis
+    centre_row = brain_voxels[brain_voxels[:, 2].argmin()] + np.array([0, 0, int(round(2.0 / sp[2]))])
+    centre = centre_row * sp
+    lesion = sum((g - c) ** 2 for g, c in zip(grids, centre)) <= 3.5 ** 2
+    image[lesion & brain] = 60.0 + np.abs(np.random.default_rng(1).normal(0, 15, (lesion & brain).sum()))
+    legacy = estimate_brain_mask(image, spacing, method=LEGACY_BRAIN_MASK)
+    closed = estimate_brain_mask(image, spacing, method="otsu-closed")
+    inside = lesion & brain
+    k, j, i = centre_row
+    assert legacy[inside].mean() < 0.5 and not legacy[k, j, i]   # the old threshold cut the lesion out
+    assert closed[inside].mean() > 0.9 and closed[k, j, i]
+    for mask in (legacy, closed):                # and neither reaches the scalp
+        dice = 2 * (mask & brain).sum() / (mask.sum() + brain.sum())
+        assert dice > 0.9
+    with pytest.raises(ValueError, match="brain mask method"):
+        estimate_brain_mask(image, spacing, method="bet")
+    # packages that do not record the method were trained with the legacy mask
+    assert feature_settings({})["brain_mask"] == LEGACY_BRAIN_MASK == "otsu"
+
+
 def test_n4_removes_smooth_bias():
     shape, spacing = (24, 64, 64), (3.0, 0.8, 0.8)
     grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
@@ -230,7 +259,7 @@ def test_qsm_compression_keeps_how_paramagnetic_a_bright_spot_is():
     # A model package that does not record the option was trained with the legacy one.
     assert feature_settings({})["qsm_scaling"] == LEGACY_QSM_SCALING == "clip"
     assert feature_settings({"qsm_scaling": "compress", "working_spacing_mm": 0.7}) == {
-        "working_spacing_mm": 0.7, "vessel_suppression": True, "qsm_scaling": "compress"}
+        "working_spacing_mm": 0.7, "vessel_suppression": True, "qsm_scaling": "compress", "brain_mask": "otsu"}
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))

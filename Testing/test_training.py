@@ -131,6 +131,54 @@ def test_stage1_training_lowers_the_loss(cases: list) -> None:
     assert after < 0.98 * before
 
 
+def test_size_balance_weights_match_a_hand_computation() -> None:
+    from CMBDetectLib.training.sampling import size_balance_weights
+
+    # background, CMBs of 2, 7, 28 and 200 voxels; reference 28 voxels, factor at most 10
+    weights = size_balance_weights(np.array([5000, 2, 7, 28, 200]), exponent=1.0)
+    np.testing.assert_allclose(weights, [1.0, 10.0, 4.0, 1.0, 1.0])       # 28/2 = 14 -> capped at 10
+    np.testing.assert_allclose(size_balance_weights(np.array([5000, 7]), exponent=0.5), [1.0, 2.0])
+    np.testing.assert_array_equal(size_balance_weights(np.array([5000, 2]), exponent=0.0), [1.0, 1.0])
+
+
+def test_size_balanced_batches_draw_the_same_patches_and_weight_small_cmbs(cases: list) -> None:
+    from CMBDetectLib.training.sampling import size_balance_weights
+
+    augmentation = AugmentationConfig(translation_voxels=4, flip_probability=0.5)
+    x, y = sample_segmentation_batch(cases, [0, 1], np.random.default_rng(3), 6, 16, 1.0, augmentation)
+    xb, yb, wb = sample_segmentation_batch(cases, [0, 1], np.random.default_rng(3), 6, 16, 1.0, augmentation,
+                                           size_balance=1.0)
+    np.testing.assert_array_equal(x, xb)
+    np.testing.assert_array_equal(y, yb)
+    assert wb.shape == yb.shape and np.all(wb[yb == 0] == 1.0)
+    # every CMB voxel carries its instance's weight (these tiny-dataset CMBs are all below the reference)
+    possible = set(np.concatenate([size_balance_weights(c.cmb_sizes, 1.0)[1:] for c in cases[:2]]).tolist())
+    assert set(np.unique(wb[yb == 1]).tolist()) <= possible and wb[yb == 1].min() > 1.0
+    # the loss: unit weights give the plain loss; weights change it
+    logits = torch.randn((6, 2) + yb.shape[1:], generator=torch.Generator().manual_seed(0))
+    loss = SegmentationLoss()
+    labels = torch.from_numpy(yb)
+    assert float(loss(logits, labels, torch.ones(labels.shape))) == pytest.approx(float(loss(logits, labels)))
+    assert float(loss(logits, labels, torch.from_numpy(wb))) != pytest.approx(float(loss(logits, labels)))
+
+
+def test_size_balanced_stage1_training_lowers_the_loss(cases: list) -> None:
+    config = _stage1_config(epochs=3, steps_per_epoch=12, lr_decay_every=10, lr=3e-3, cmb_size_balance=1.0)
+    x, y, w = sample_segmentation_batch(cases, [3], np.random.default_rng(5), 8, 16, 0.5,
+                                        config.augmentation.disabled(), size_balance=1.0)
+    loss = SegmentationLoss()
+
+    def evaluate(network: torch.nn.Module) -> float:
+        network.eval()
+        with torch.no_grad():
+            return float(loss(network(torch.from_numpy(x)), torch.from_numpy(y), torch.from_numpy(w)))
+
+    torch.manual_seed(0)
+    before = evaluate(ShallowUNet(width=4))
+    after = evaluate(_run_stage1(cases, seed=0, config=config))
+    assert after < 0.98 * before
+
+
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

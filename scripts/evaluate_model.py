@@ -29,7 +29,7 @@ import numpy as np
 
 from CMBDetectLib.baseline import detect_baseline
 from CMBDetectLib.evaluate import CMB_FATES, STAGE_TITLES, EvaluationReport, evaluate, write_froc_png
-from CMBDetectLib.features import LEGACY_QSM_SCALING, compute_features
+from CMBDetectLib.features import LEGACY_BRAIN_MASK, LEGACY_QSM_SCALING, compute_features
 from CMBDetectLib.metrics import plot_froc, summarise
 from CMBDetectLib.model_package import ModelPackage, sha256_file
 from CMBDetectLib.volume import atomic_write_text, image_stem, read_volume, write_volume_atomic
@@ -139,7 +139,7 @@ def baseline_features(image: Path, working_spacing: float):
     # The baseline keeps the features it has been reported with (its threshold tuning and predictions
     # under build/evaluation were made with them).
     return compute_features(volume, image.name.split("_")[1], working_spacing_mm=working_spacing,
-                            qsm_scaling=LEGACY_QSM_SCALING)
+                            qsm_scaling=LEGACY_QSM_SCALING, brain_mask=LEGACY_BRAIN_MASK)
 
 
 def choose_baseline_threshold(train: Path, out: Path, working_spacing: float, n_cases: int) -> float:

@@ -1,10 +1,11 @@
-"""Experiment helper: train a variant of the ``make model`` recipe that keeps its stage 1.
+"""Experiment helper: train a variant of the ``make model`` recipe.
 
 ``python scripts/train_variant.py --work build/model --version 1.4.1 --set teacher.epochs=10 ...`` copies the
 finished stage-1 checkpoint and mined candidates of ``WORK/train_work`` (what ``make model`` left), trains the
 teacher and the student with the recipe changed by ``--set``, and calibrates the package on the development
 set. Because training is deterministic, ``make model`` with the same changes written into its recipe
 reproduces the variant from scratch; this only saves re-running stage 1 and the mining while choosing.
+``--retrain-stage1`` trains every network again (for changes to stage 1), reusing only the feature cache.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ def main() -> int:
                         help="recipe change, e.g. teacher.epochs=10 or student.augmentation.flip_probability=0.5")
     parser.add_argument("--seed", type=int, default=TRAIN_SEED,
                         help="training seed of the teacher and student (stage 1 is reused as trained)")
+    parser.add_argument("--retrain-stage1", action="store_true",
+                        help="train stage 1 (and mine its candidates) again instead of reusing make model's")
     args = parser.parse_args()
     work = Path(args.work)
     config = json.loads(json.dumps(CONFIG))
@@ -49,7 +52,10 @@ def main() -> int:
     config["version"] = args.version
     config["cache_dir"] = str(work / "feature_cache")
     variant_work = work / f"train_work_{args.version}"
-    reuse_stage1(work / "train_work", variant_work)
+    if args.retrain_stage1:
+        shutil.rmtree(variant_work, ignore_errors=True)     # a fresh run, not a resumed older one
+    else:
+        reuse_stage1(work / "train_work", variant_work)
     out = work / f"{config['name']}-{args.version}"
     if out.exists():
         shutil.rmtree(out)

@@ -16,6 +16,7 @@ import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.frst import frst_3d
 from CMBDetectLib.preprocessing import (
+    BRAIN_MASK_METHODS,
     QSM_SCALINGS,
     ScanGrid,
     estimate_brain_mask,
@@ -32,6 +33,8 @@ CROP_MARGIN_MM = 6.0
 FRST_RADII = (2, 3, 4, 6)
 #: ``qsm_scaling`` of packages whose model.json does not record it (up to 1.4.0)
 LEGACY_QSM_SCALING = "clip"
+#: ``brain_mask`` of packages whose model.json does not record it (up to 1.5.0)
+LEGACY_BRAIN_MASK = "otsu"
 
 
 @dataclass
@@ -72,17 +75,19 @@ def feature_settings(preprocessing: dict) -> dict:
     """
     return {"working_spacing_mm": float(preprocessing.get("working_spacing_mm", 0.8)),
             "vessel_suppression": bool(preprocessing.get("vessel_suppression", True)),
-            "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING))}
+            "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING)),
+            "brain_mask": str(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK))}
 
 
 def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
                      working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
                      progress: ProgressCallback | None = None, crop: bool = True,
-                     qsm_scaling: str = "compress") -> ScanFeatures:
+                     qsm_scaling: str = "compress", brain_mask: str = "otsu-closed") -> ScanFeatures:
     """Preprocess ``volume`` into the 2-channel network input (see module docstring).
 
     ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.
     ``crop``: restrict the working grid to the brain bounding box (+6 mm); ``grid`` maps back either way.
+    ``brain_mask``: how the mask is estimated when none is given (``preprocessing.BRAIN_MASK_METHODS``).
     """
     report = progress or no_progress
     timings: dict[str, float] = {}
@@ -97,6 +102,8 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     report(0.0, "Checking the image")
     if qsm_scaling not in QSM_SCALINGS:
         raise ValueError(f"qsm_scaling must be one of {QSM_SCALINGS}, not {qsm_scaling!r}")
+    if brain_mask not in BRAIN_MASK_METHODS:
+        raise ValueError(f"brain_mask must be one of {BRAIN_MASK_METHODS}, not {brain_mask!r}")
     modality = normalise_modality(modality)
     validate_image(volume)
     mask_bool = validate_mask(mask, volume) if mask is not None else None
@@ -115,7 +122,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     else:
         lap("resample")
         report(0.15, "Estimating the brain mask")
-        brain = estimate_brain_mask(array, spacing)
+        brain = estimate_brain_mask(array, spacing, method=brain_mask)
     lap("brain_mask" if mask_bool is None else "resample")
 
     if crop:

@@ -33,6 +33,9 @@ class StageConfig:
     max_minutes: float | None = None
     validation_patches: int = 32
     positive_fraction: float = 0.5
+    # stage 1 only: > 0 up-weights the cross-entropy of CMBs smaller than ~28 working voxels by
+    # (28 / size) ** cmb_size_balance, at most 10x (sampling.size_balance_weights); 0 = the paper's loss
+    cmb_size_balance: float = 0.0
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     @classmethod
@@ -88,6 +91,7 @@ class TrainingConfig:
     working_spacing_mm: float = 0.8
     vessel_suppression: bool = True
     qsm_scaling: str = "compress"             # preprocessing.QSM_SCALINGS ("clip": packages up to 1.4.0)
+    brain_mask: str = "otsu-closed"           # preprocessing.BRAIN_MASK_METHODS ("otsu": packages up to 1.5.0)
     overlap: float = 0.25
     evidence_threshold: float = 0.05
     # thresholds
@@ -134,9 +138,9 @@ class TrainingConfig:
         for key in ("teacher_fc", "student_fc"):
             if key in values:
                 values[key] = tuple(values[key])
-        from CMBDetectLib.preprocessing import QSM_SCALINGS
+        from CMBDetectLib.preprocessing import BRAIN_MASK_METHODS, QSM_SCALINGS
 
-        if values.get("qsm_scaling", config.qsm_scaling) not in QSM_SCALINGS:
-            raise ValueError(f"qsm_scaling must be one of {', '.join(QSM_SCALINGS)}, "
-                             f"not {values['qsm_scaling']!r}")
+        for key, allowed in (("qsm_scaling", QSM_SCALINGS), ("brain_mask", BRAIN_MASK_METHODS)):
+            if values.get(key, getattr(config, key)) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {values[key]!r}")
         return replace(config, **values, **stages)

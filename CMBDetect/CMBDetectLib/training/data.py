@@ -50,6 +50,7 @@ class TrainingCase:
     hard_negatives_kji: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     _cmb_voxels: list[np.ndarray] | None = field(default=None, repr=False)
     _brain_flat: np.ndarray | None = field(default=None, repr=False)
+    _cmb_sizes: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -74,6 +75,13 @@ class TrainingCase:
     @property
     def n_cmbs(self) -> int:
         return len(self.cmb_voxels)
+
+    @property
+    def cmb_sizes(self) -> np.ndarray:
+        """Voxel count of each instance id on the working grid (index 0: background)."""
+        if self._cmb_sizes is None:
+            self._cmb_sizes = np.bincount(self.instances.ravel()).astype(np.int64)
+        return self._cmb_sizes
 
     @property
     def cmb_centres_kji(self) -> np.ndarray:

@@ -25,12 +25,22 @@ class SegmentationLoss(nn.Module):
         self.dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
         self.dice_weight = float(dice_weight)
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``logits [B, 2, D, H, W]``, ``labels [B, D, H, W]`` or ``[B, 1, D, H, W]`` in {0, 1}."""
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor,
+                voxel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits [B, 2, D, H, W]``, ``labels [B, D, H, W]`` or ``[B, 1, D, H, W]`` in {0, 1}.
+
+        ``voxel_weights [B, D, H, W]`` (optional) multiply the class weights of the cross-entropy voxel by
+        voxel (the mean stays normalised by the total weight, as in ``F.cross_entropy``).
+        """
         if labels.ndim == logits.ndim:
             labels = labels[:, 0]
         labels = labels.long()
-        cross_entropy = F.cross_entropy(logits.float(), labels, weight=self.class_weight)
+        if voxel_weights is None:
+            cross_entropy = F.cross_entropy(logits.float(), labels, weight=self.class_weight)
+        else:
+            weights = self.class_weight[labels] * voxel_weights.float()
+            per_voxel = F.cross_entropy(logits.float(), labels, reduction="none")
+            cross_entropy = (per_voxel * weights).sum() / weights.sum().clamp_min(1e-12)
         return cross_entropy + self.dice_weight * self.dice(logits.float(), labels[:, None])
 
 

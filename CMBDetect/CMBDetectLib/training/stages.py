@@ -46,19 +46,25 @@ def train_segmentation_stage(network: nn.Module, cases: list[TrainingCase], trai
     loss_function = SegmentationLoss().to(device)
     network.to(device)
 
-    def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
-        x, y = sample_segmentation_batch(cases, train, rng, config.batch_size, config.patch_size,
-                                         config.positive_fraction, config.augmentation)
-        return loss_function(model(_tensor(x, device)), _tensor(y, device))
+    balance = float(config.cmb_size_balance)
 
-    val_x, val_y = sample_segmentation_batch(cases, validation, np.random.default_rng([seed, 101]),
-                                             config.validation_patches, config.patch_size,
-                                             config.positive_fraction, config.augmentation.disabled())
+    def loss(model: nn.Module, batch: tuple[np.ndarray, ...]) -> torch.Tensor:
+        x, y, *weights = batch
+        return loss_function(model(_tensor(x, device)), _tensor(y, device),
+                             _tensor(weights[0], device) if weights else None)
+
+    def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
+        return loss(model, sample_segmentation_batch(cases, train, rng, config.batch_size, config.patch_size,
+                                                     config.positive_fraction, config.augmentation, balance))
+
+    validation_batch = sample_segmentation_batch(cases, validation, np.random.default_rng([seed, 101]),
+                                                 config.validation_patches, config.patch_size,
+                                                 config.positive_fraction, config.augmentation.disabled(),
+                                                 balance)
 
     def validate(model: nn.Module) -> float:
-        return _batched_mean(lambda a, b: loss_function(model(_tensor(val_x[a:b], device)),
-                                                        _tensor(val_y[a:b], device)),
-                             len(val_x), config.batch_size)
+        return _batched_mean(lambda a, b: loss(model, tuple(part[a:b] for part in validation_batch)),
+                             len(validation_batch[0]), config.batch_size)
 
     return train_stage("stage1", network, config, step, validate, seed=seed, checkpoint_path=checkpoint,
                        log=log, progress=progress, cancel=cancel)

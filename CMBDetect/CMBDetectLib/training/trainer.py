@@ -152,6 +152,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     base = ModelPackage.load(init_model) if init_model is not None else None
     preprocessing = {"working_spacing_mm": settings.working_spacing_mm,
                      "vessel_suppression": settings.vessel_suppression, "qsm_scaling": settings.qsm_scaling,
+                     "brain_mask": settings.brain_mask,
                      "overlap": settings.overlap, "evidence_threshold": settings.evidence_threshold}
     if base is not None:
         # The networks only understand inputs made the way they were trained (a package that does not
@@ -161,7 +162,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         settings = dataclasses.replace(
             settings, working_spacing_mm=float(preprocessing["working_spacing_mm"]),
             vessel_suppression=bool(preprocessing["vessel_suppression"]),
-            qsm_scaling=str(preprocessing["qsm_scaling"]),
+            qsm_scaling=str(preprocessing["qsm_scaling"]), brain_mask=str(preprocessing["brain_mask"]),
             overlap=float(preprocessing["overlap"]),
             evidence_threshold=float(preprocessing["evidence_threshold"]),
             inference_patch_size=base.patch_size("stage1"),
