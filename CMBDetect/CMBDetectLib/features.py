@@ -33,7 +33,7 @@ CROP_MARGIN_MM = 6.0
 FRST_RADII = (2, 3, 4, 6)
 #: ``qsm_scaling`` of packages whose model.json does not record it (up to 1.4.0)
 LEGACY_QSM_SCALING = "clip"
-#: ``brain_mask`` of packages whose model.json does not record it (up to 1.5.0)
+#: ``brain_mask`` of packages whose model.json does not record it (the bundled 1.4.0 and 1.5.0)
 LEGACY_BRAIN_MASK = "otsu"
 
 
@@ -82,7 +82,7 @@ def feature_settings(preprocessing: dict) -> dict:
 def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
                      working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
                      progress: ProgressCallback | None = None, crop: bool = True,
-                     qsm_scaling: str = "compress", brain_mask: str = "otsu-closed") -> ScanFeatures:
+                     qsm_scaling: str = "compress", brain_mask: str = "otsu") -> ScanFeatures:
     """Preprocess ``volume`` into the 2-channel network input (see module docstring).
 
     ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.

@@ -105,9 +105,9 @@ def _scan_brain_mask(grid: sitk.Image, mask: Volume | None, scan: sitk.Image) ->
     # which is what the mask estimator recognises.
     array = sitk.GetArrayFromImage(sitk.Resample(scan, grid, sitk.Transform(), sitk.sitkLinear, 0.0))
     spacing = grid.GetSpacing()
-    # The registration's quality thresholds (structure, Dice) were set with the "otsu" mask; the detector's
-    # "otsu-closed" one (which keeps dark lesions at the brain surface) lowers the structure score of noisy
-    # thick-slice scans towards the refusal threshold, and the atlas fit does not need those lesions.
+    # The registration's quality thresholds (structure, Dice) were set with the "otsu" mask; "otsu-closed"
+    # (which keeps dark lesions at the brain surface) lowers the structure score of noisy thick-slice scans
+    # towards the refusal threshold, and the atlas fit does not need those lesions.
     return estimate_brain_mask(array, (spacing[2], spacing[1], spacing[0]), method="otsu")
 
 
