@@ -52,8 +52,10 @@ def calibrate(model_dir: Path, dev_dir: Path = Path("build/evaluation_dev/dev"),
     default_th_det = float(model.thresholds.get("th_det", 0.5))
     results = {}
     for flips, scans in measured.items():
-        chosen, per_modality = choose_for_modalities(scans, grid, max_fp_per_scan, default_th_det=default_th_det)
-        results[flips] = (chosen, per_modality, sweep(scans, grid), scans)
+        points = sweep(scans, grid)
+        chosen, per_modality = choose_for_modalities(scans, grid, max_fp_per_scan, default_th_det=default_th_det,
+                                                     points=points)
+        results[flips] = (chosen, per_modality, points, scans)
 
     def rank(flips: bool) -> tuple[int, int]:
         tp, fp = deployed_totals(results[flips][1])

@@ -187,7 +187,8 @@ def choose_th_disc_by_modality(scans: Sequence[ScanCandidates], joint: Operating
 
 
 def choose_for_modalities(scans: Sequence[ScanCandidates], grid: CalibrationGrid, max_fp_per_scan: float = 1.0,
-                          default_th_det: float = 0.5) -> tuple[OperatingPoint, dict[str, OperatingPoint]]:
+                          default_th_det: float = 0.5, points: Sequence[OperatingPoint] | None = None
+                          ) -> tuple[OperatingPoint, dict[str, OperatingPoint]]:
     """The shared ``th_det`` and filters chosen for what is deployed: every modality with its own ``th_disc``.
 
     For each ``th_det`` x filter setting of ``grid``: its best shared point (:func:`choose`, the fallback for a
@@ -195,18 +196,18 @@ def choose_for_modalities(scans: Sequence[ScanCandidates], grid: CalibrationGrid
     (:func:`choose_th_disc_by_modality`). The setting whose per-modality points find the most CMBs in total wins
     (ties: fewer false positives, then closest to the paper). Choosing the setting by the shared point alone
     could pick one that a modality can only meet the budget at by giving up many CMBs.
-    Returns ``(shared point, {modality: point})``.
+    ``points``: ``sweep(scans, grid)`` when the caller has it. Returns ``(shared point, {modality: point})``.
     """
     groups: dict[tuple[float, float, float, float], list[OperatingPoint]] = {}
-    for point in sweep(scans, grid):
+    for point in points if points is not None else sweep(scans, grid):
         key = (point.th_det, point.min_volume_mm3, point.max_ellipticity, point.min_edge_distance_mm)
         groups.setdefault(key, []).append(point)
     best: tuple[tuple, OperatingPoint, dict[str, OperatingPoint]] | None = None
     for group in groups.values():
         shared = choose(group, max_fp_per_scan, default_th_det)
         own = choose_th_disc_by_modality(scans, shared, grid, max_fp_per_scan)
-        rank = (-sum(p.tp for p in own.values()), sum(p.fp for p in own.values()),
-                _distance_from_paper(shared, default_th_det), -shared.th_disc)
+        tp, fp = deployed_totals(own)
+        rank = (-tp, fp, _distance_from_paper(shared, default_th_det), -shared.th_disc)
         if best is None or rank < best[0]:
             best = (rank, shared, own)
     assert best is not None   # sweep() raised already if there was nothing to choose from
@@ -296,8 +297,8 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
     }
     if th_disc_by_modality:
         record["th_disc_by_modality"] = {m: p.to_dict() for m, p in th_disc_by_modality.items()}
-        total = {"tp": sum(p.tp for p in th_disc_by_modality.values()),
-                 "fp": sum(p.fp for p in th_disc_by_modality.values())}
+        tp, fp = deployed_totals(th_disc_by_modality)
+        total = {"tp": tp, "fp": fp}
         record["with_th_disc_by_modality"] = {**total, "n_gt": record["cmbs"], "n_scans": len(scans),
                                               "tpr": round(total["tp"] / max(record["cmbs"], 1), 4),
                                               "fp_per_scan": round(total["fp"] / max(len(scans), 1), 4)}

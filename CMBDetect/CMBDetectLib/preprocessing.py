@@ -291,9 +291,9 @@ def to_working_grid(image: sitk.Image, working_spacing_mm: float = 0.8,
 #: poles of thick-slice scans (they lie < 4 mm from the mask's edge, where the edge filter acts). A model trained
 #: with it (1.6.0, not shipped: see scripts/make_model.py) was no more accurate than 1.5.0, so "otsu" stays the
 #: default; ``preprocessing.brain_mask`` / ``TrainingConfig.brain_mask`` choose it.
-BRAIN_MASK_METHODS = ("otsu", "otsu-closed")
 _BRAIN_MASK_SETTINGS = {"otsu": {"threshold_scale": 1.0, "closing_mm": 2.0, "fill_before_erode": False},
                         "otsu-closed": {"threshold_scale": 0.7, "closing_mm": 6.0, "fill_before_erode": True}}
+BRAIN_MASK_METHODS = tuple(_BRAIN_MASK_SETTINGS)
 
 
 def _ellipsoid_radius_voxels(radius_mm: float, spacing_zyx) -> np.ndarray:
