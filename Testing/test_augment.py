@@ -101,3 +101,21 @@ def test_flips_move_channels_and_labels_together_and_are_off_by_default():
         seen.add(where)
     assert seen == {(k, j, i) for k in (1, 4) for j in (2, 3) for i in (4, 1)}   # all 8 mirror images
     assert AugmentationConfig(flip_probability=0.5).disabled().flip_probability == 0.0
+
+
+def test_the_image_before_vessel_suppression_gets_the_same_noise_field() -> None:
+    two = _patch()
+    three = np.concatenate([two, 2.0 * two[:1]])          # channel 2: the image before suppression
+    config = AugmentationConfig(noise_probability=1.0, blur_probability=0.0)
+    a = augment_patch(two, np.random.default_rng(3), config)
+    b = augment_patch(three, np.random.default_rng(3), config)
+    # the first channel's noise is what a two-channel patch always got (make model reproduces old packages)
+    np.testing.assert_array_equal(a, b[:2])
+    rng = np.random.default_rng(3)
+    rng.random()
+    variance = rng.uniform(*config.noise_variance)
+    expected = rng.normal(0.0, np.sqrt(variance) * float(two[0].std()), size=two[0].shape).astype(np.float32)
+    np.testing.assert_array_equal(a[0], two[0] + expected)
+    # one acquisition, one noise: channel 2 carries the same field, scaled to its own contrast
+    np.testing.assert_allclose(b[2] - three[2], 2.0 * (a[0] - two[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(b[1], three[1])         # FRST: none

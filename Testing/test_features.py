@@ -1,4 +1,5 @@
-"""compute_features: the shared 2-channel input (intensity, FRST) on the working grid, with its geometry."""
+"""compute_features: the shared input (intensity, FRST; optionally the image before vessel suppression) on the
+working grid, with its geometry."""
 
 from __future__ import annotations
 
@@ -109,6 +110,21 @@ def test_swi_skull_on():
         assert key in features.timings
     fractions = [f for f, _ in messages]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_vessel_context_adds_the_image_before_vessel_suppression():
+    volume, brain, cmbs, vein = _phantom()
+    features = compute_features(volume, "swi")
+    context = compute_features(volume, "swi", vessel_context=True)
+    plain = compute_features(volume, "swi", vessel_suppression=False)
+    assert context.channels.shape == (3, *features.grid.working_shape)
+    np.testing.assert_array_equal(context.channels[:2], features.channels)   # stage 1's input is unchanged
+    np.testing.assert_array_equal(context.channels[2], plain.channels[0])    # the veins, before inpainting
+    vessels = context.vessel_mask
+    assert vessels.any() and context.channels[2][vessels].mean() > context.channels[0][vessels].mean() + 0.02
+    assert np.all(context.channels[:, ~context.brain_mask] == 0)
+    with pytest.raises(ValueError, match="needs vessel_suppression"):
+        compute_features(volume, "swi", vessel_suppression=False, vessel_context=True)
 
 
 def test_qsm_with_given_mask_is_not_inverted_and_skips_n4():

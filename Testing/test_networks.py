@@ -137,3 +137,28 @@ def test_stage1_starts_at_the_cmb_prior():
     with torch.no_grad():
         probability = torch.softmax(net(torch.rand(1, 2, 24, 24, 24)), dim=1)[:, 1]
     assert float(probability.mean()) < 5 * CMB_PRIOR
+
+
+def test_a_network_reads_the_leading_feature_channels_it_was_built_for() -> None:
+    stage1 = ShallowUNet(width=4).eval()
+    x = torch.randn(1, 3, 24, 24, 24)      # image, FRST, image before vessel suppression
+    with torch.no_grad():
+        assert torch.equal(stage1(x), stage1(x[:, :2]))
+        with pytest.raises(RuntimeError):
+            StudentNet(in_channels=3, width=4, arm_channels=8, fc=(16, 8, 4))(x[:, :2])
+
+
+def test_a_vessel_context_teacher_starts_as_stage1_and_can_learn_the_extra_channel() -> None:
+    stage1 = ShallowUNet(width=4).eval()
+    teacher = TeacherNet(in_channels=3, width=4, arm_channels=8, fc=(32, 16, 8)).eval()
+    teacher.load_stage1(stage1.state_dict())
+    x = torch.randn(1, 3, 24, 24, 24)
+    other = x.clone()
+    other[:, 2] = torch.randn(24, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(teacher(x)[0], stage1(x[:, :2]))
+        assert torch.equal(teacher(other)[0], teacher(x)[0])    # zero weights on the extra channel ...
+    segmentation, _ = teacher(x)
+    segmentation.sum().backward()
+    gradient = teacher.unet.encoder.projection.weight.grad
+    assert gradient[:, 2].abs().sum() > 0                        # ... which training can move

@@ -273,3 +273,29 @@ def test_balanced_modality_takes_each_in_turn(tmp_path):
     from CMBDetectLib.dataset import validate_dataset
 
     assert validate_dataset(out) == []
+
+
+def test_radius_prior_follows_the_requested_mean_within_the_clinical_range():
+    from CMBDetectLib.synth.cmbs import sample_radius
+
+    rng = np.random.default_rng(0)
+    clinical = np.array([sample_radius(rng) for _ in range(4000)])
+    wide = np.array([sample_radius(rng, mean=3.0, sd=1.0) for _ in range(4000)])
+    # (truncation to 1-5 mm moves the means a little: up for the clinical prior, down for the wide one)
+    assert 1.5 <= clinical.mean() < 1.6 and (clinical > 3.0).mean() < 0.01
+    assert 2.8 < wide.mean() <= 3.0 and (wide > 3.0).mean() > 0.35
+    assert wide.min() >= 1.0 and wide.max() <= 5.0          # 2-10 mm diameter either way
+
+
+def test_cli_radius_prior_is_used_and_recorded(tmp_path):
+    out = tmp_path / "large"
+    done = _run_cli("--out", str(out), "--n", "1", "--seed", "4", "--modality", "qsm", "--anatomy", "procedural",
+                    "--anatomy-spacing", "2", "--min-cmbs", "6", "--max-cmbs", "6", "--radius-mean", "3.5",
+                    "--radius-sd", "0.3")
+    assert done.returncode == 0, done.stderr
+    review = json.loads(next((out / "cmbdetect" / "reviews").glob("*.json")).read_text())
+    assert review["generator"]["config"]["radius_mean_mm"] == 3.5
+    radii = [c["radius_mm"] for c in review["cmbs"]]
+    assert len(radii) == 6 and min(radii) > 2.4
+    bad = _run_cli("--out", str(tmp_path / "x"), "--radius-mean", "8", timeout=60)
+    assert bad.returncode == 1 and "--radius-mean" in bad.stderr

@@ -284,6 +284,44 @@ def test_a_fine_tuned_model_keeps_its_parents_test_time_flips(dataset: Path, cac
     assert tuned.student_flips is True and ModelPackage.load(tmp_path / "tuned").student_flips is True
 
 
+def test_a_vessel_context_model_trains_detects_and_fine_tunes_with_three_channels(dataset: Path, cache: Path,
+                                                                                   tmp_path: Path) -> None:
+    from CMBDetectLib.model_package import ModelPackage
+    from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
+    from CMBDetectLib.volume import read_volume
+
+    config = tiny_config(cache, vessel_suppression=True, vessel_context=True)
+    train_model([dataset], tmp_path / "context", config, seed=1)
+    package = ModelPackage.load(tmp_path / "context")
+    assert package.preprocessing["vessel_context"] is True
+    channels = {role: spec["config"]["in_channels"] for role, spec in package.manifest["networks"].items()}
+    assert channels == {"stage1": 2, "teacher": 3, "student": 3}     # stage 1 keeps the paper's input
+    # Detection builds the three channels from model.json and both stages run on them.
+    image = sorted((dataset / "imagesTr").glob("*.nii.gz"))[0]
+    session = DetectionSession(package, device="cpu")
+    result = session.run(read_volume(image), "swi", params=DetectionParameters(th_det=0.001))
+    assert session.features.channels.shape[0] == 3
+    assert result.candidates and all(0.0 <= c.p_disc <= 1.0 for c in result.candidates)
+    # A fine-tuned model is trained and run on the inputs its parent was made for.
+    tuned = train_model([dataset], tmp_path / "tuned", tiny_config(cache), seed=1, init_model=tmp_path / "context")
+    assert tuned.preprocessing["vessel_context"] is True and tuned.preprocessing["vessel_suppression"] is True
+    assert tuned.manifest["networks"]["student"]["config"]["in_channels"] == 3
+    from CMBDetectLib.training import TrainingConfig
+
+    with pytest.raises(ValueError, match="needs vessel_suppression"):
+        TrainingConfig.from_dict({"vessel_suppression": False, "vessel_context": True})
+
+
+def test_features_cached_before_vessel_context_existed_stay_valid() -> None:
+    from CMBDetectLib.training.data import feature_cache_key
+
+    settings = {"working_spacing_mm": 0.8, "vessel_suppression": True, "brain_mask": "otsu"}
+    assert feature_cache_key("abc", "swi", {**settings, "vessel_context": False}) == \
+        feature_cache_key("abc", "swi", settings)
+    assert feature_cache_key("abc", "swi", {**settings, "vessel_context": True}) != \
+        feature_cache_key("abc", "swi", settings)
+
+
 def test_a_fine_tuned_model_keeps_its_parents_qsm_scaling(dataset: Path, cache: Path, tmp_path: Path) -> None:
     base = train_model([dataset], tmp_path / "base", tiny_config(cache), seed=1)
     assert base.preprocessing["qsm_scaling"] == "compress"          # a new model records its scaling

@@ -35,7 +35,7 @@ def detect_baseline(features: Any, th_frst: float = DEFAULT_TH_FRST,
                     postprocessing: PostprocessingParameters | None = None) -> DetectionResult:
     """Detect CMB candidates in a ``ScanFeatures``-like object without any network.
 
-    ``features`` needs ``channels`` ([2, K, J, I], channel 1 = FRST), ``brain_mask``, ``spacing_zyx`` and
+    ``features`` needs ``channels`` ([C, K, J, I], channel 1 = FRST), ``brain_mask``, ``spacing_zyx`` and
     ``grid`` (a ``preprocessing.ScanGrid``: ``labels_to_input``, ``working_index_to_input_index``,
     ``working_index_to_ras``, ``input_volume_like``).
     """

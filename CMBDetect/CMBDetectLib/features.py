@@ -1,8 +1,14 @@
 """The one feature pipeline shared by inference, training and checks [paper 2.1, 2.1.1, 2.2].
 
-``compute_features`` turns an input volume into the 2-channel network input on the working grid:
+``compute_features`` turns an input volume into the network input on the working grid:
 validate -> reorient to LPS + resample (``ScanGrid``) -> brain mask (given or estimated) -> crop to the
 brain -> N4 (SWI / T2*-GRE only) -> normalise (+ invert SWI / T2*) -> vessel suppression -> FRST.
+
+The channels are always in the order of ``CHANNELS``; a network reads the leading ``in_channels`` of them
+(``networks.blocks.ShallowEncoder``). With ``vessel_context`` a third channel holds the normalised image
+*before* vessel suppression: stage 1 still sees only the suppressed image and FRST (the paper's input),
+while the discrimination networks can also see the veins that were inpainted around a candidate. Without
+it, a vein bend or junction that survives suppression as a round remnant looks like a CMB on its own.
 """
 
 from __future__ import annotations
@@ -35,13 +41,20 @@ FRST_RADII = (2, 3, 4, 6)
 LEGACY_QSM_SCALING = "clip"
 #: ``brain_mask`` of packages whose model.json does not record it (the bundled 1.4.0 and 1.5.0)
 LEGACY_BRAIN_MASK = "otsu"
+#: ``vessel_context`` of packages whose model.json does not record it (up to 1.5.0: two channels)
+LEGACY_VESSEL_CONTEXT = False
+#: the feature channels, in order (the third only with ``vessel_context``)
+CHANNELS = ("intensity", "frst", "intensity_before_vessel_suppression")
+#: the channels stage 1 is trained on (and the discrimination networks without ``vessel_context``)
+BASE_CHANNELS = 2
 
 
 @dataclass
 class ScanFeatures:
     """Network input and geometry of one scan, all on the (cropped) working grid."""
 
-    channels: np.ndarray          # float32 [2, K, J, I]: 0 = intensity (CMB bright), 1 = FRST
+    channels: np.ndarray          # float32 [C, K, J, I] in the order of CHANNELS: 0 = intensity (CMB bright,
+    #                               vessels suppressed), 1 = FRST, 2 (vessel_context) = intensity with vessels
     brain_mask: np.ndarray        # bool [K, J, I]
     vessel_mask: np.ndarray       # bool [K, J, I]
     spacing_zyx: tuple[float, float, float]
@@ -76,18 +89,26 @@ def feature_settings(preprocessing: dict) -> dict:
     return {"working_spacing_mm": float(preprocessing.get("working_spacing_mm", 0.8)),
             "vessel_suppression": bool(preprocessing.get("vessel_suppression", True)),
             "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING)),
-            "brain_mask": str(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK))}
+            "brain_mask": str(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK)),
+            "vessel_context": bool(preprocessing.get("vessel_context", LEGACY_VESSEL_CONTEXT))}
+
+
+def discriminator_channels(vessel_context: bool) -> int:
+    """Input channels of the teacher and the student for a ``vessel_context`` setting."""
+    return BASE_CHANNELS + 1 if vessel_context else BASE_CHANNELS
 
 
 def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
                      working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
                      progress: ProgressCallback | None = None, crop: bool = True,
-                     qsm_scaling: str = "compress", brain_mask: str = "otsu") -> ScanFeatures:
-    """Preprocess ``volume`` into the 2-channel network input (see module docstring).
+                     qsm_scaling: str = "compress", brain_mask: str = "otsu",
+                     vessel_context: bool = False) -> ScanFeatures:
+    """Preprocess ``volume`` into the network input (see module docstring).
 
     ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.
     ``crop``: restrict the working grid to the brain bounding box (+6 mm); ``grid`` maps back either way.
     ``brain_mask``: how the mask is estimated when none is given (``preprocessing.BRAIN_MASK_METHODS``).
+    ``vessel_context``: add the image before vessel suppression as a third channel (needs suppression).
     """
     report = progress or no_progress
     timings: dict[str, float] = {}
@@ -104,6 +125,8 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
         raise ValueError(f"qsm_scaling must be one of {QSM_SCALINGS}, not {qsm_scaling!r}")
     if brain_mask not in BRAIN_MASK_METHODS:
         raise ValueError(f"brain_mask must be one of {BRAIN_MASK_METHODS}, not {brain_mask!r}")
+    if vessel_context and not vessel_suppression:
+        raise ValueError("vessel_context adds the image before vessel suppression: it needs vessel_suppression")
     modality = normalise_modality(modality)
     validate_image(volume)
     mask_bool = validate_mask(mask, volume) if mask is not None else None
@@ -143,6 +166,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     del array
     lap("normalise")
 
+    before_suppression = intensity if vessel_context else None
     if vessel_suppression:
         report(0.45, "Suppressing vessels")
         suppressed = suppress_vessels(intensity, brain, spacing)
@@ -157,7 +181,8 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     frst[~brain] = 0.0
     lap("frst")
 
-    channels = np.stack([intensity, frst]).astype(np.float32, copy=False)
+    planes = [intensity, frst] if before_suppression is None else [intensity, frst, before_suppression]
+    channels = np.stack(planes).astype(np.float32, copy=False)
     timings["total"] = sum(v for k, v in timings.items() if "." not in k)
     report(1.0, "Features ready")
     return ScanFeatures(channels, brain, vessels, spacing, grid, modality, timings)

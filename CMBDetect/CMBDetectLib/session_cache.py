@@ -2,7 +2,7 @@
 
 The background process (``cmbdetect detect --save-prob``) writes ``<stem>_session.npz``; the Slicer process
 loads it and answers threshold changes itself. The file holds plain arrays and JSON only (no pickle):
-the stage-1 probability map (float16), the brain mask (bit-packed), the two input channels (float16, so a
+the stage-1 probability map (float16), the brain mask (bit-packed), the input channels (float16, so a
 lower ``Th_Cdet`` can still be scored by the student when a model is at hand), the student-score cache,
 the stable-id table and the grid geometry.
 """

@@ -33,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="in-plane voxel size range in mm (default 0.5 1.0)")
     parser.add_argument("--min-cmbs", type=int, default=0, help="minimum CMBs per case (default 0)")
     parser.add_argument("--max-cmbs", type=int, default=60, help="maximum CMBs per case (default 60)")
+    parser.add_argument("--radius-mean", type=float, default=1.5, metavar="MM",
+                        help="mean CMB radius of the log-normal prior (default 1.5 mm, the clinical prior; "
+                             "radii stay within 1-5 mm, i.e. 2-10 mm diameter)")
+    parser.add_argument("--radius-sd", type=float, default=0.45, metavar="MM",
+                        help="standard deviation of the CMB radius prior (default 0.45 mm)")
     parser.add_argument("--anatomy", choices=["auto", "template", "procedural"], default="auto",
                         help="MNI152 template (needs nilearn), procedural phantom, or auto (default)")
     parser.add_argument("--anatomy-spacing", type=float, default=None, metavar="MM",
@@ -77,6 +82,8 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError("--in-plane MIN MAX must satisfy 0.2 <= MIN <= MAX <= 3 mm")
     if args.n_cmbs < 0:
         raise InputError("--n-cmbs must be >= 0")
+    if not 1.0 <= args.radius_mean <= 5.0 or not 0.0 < args.radius_sd <= 5.0:
+        raise InputError("--radius-mean must be between 1 and 5 mm and --radius-sd between 0 and 5 mm")
     if args.anatomy_spacing is not None and not 0.5 <= args.anatomy_spacing <= 3.0:
         raise InputError("--anatomy-spacing must be between 0.5 and 3 mm")
 
@@ -92,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     config = SynthConfig(anatomy=args.anatomy, in_plane_range_mm=tuple(args.in_plane),
                          slice_thickness_mm=args.slice_thickness, min_cmbs=args.min_cmbs,
-                         max_cmbs=args.max_cmbs, head_spacing_mm=args.anatomy_spacing)
+                         max_cmbs=args.max_cmbs, head_spacing_mm=args.anatomy_spacing,
+                         radius_mean_mm=args.radius_mean, radius_sd_mm=args.radius_sd)
     started = time.perf_counter()
     total_cmbs = 0
     for number in range(args.start_index, args.start_index + args.n):

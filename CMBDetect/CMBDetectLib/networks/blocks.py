@@ -51,6 +51,10 @@ class ShallowEncoder(nn.Module):
         return (self.width, 2 * self.width, 4 * self.width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.shape[1] > self.in_channels:
+            # Feature channels have a fixed order (features.CHANNELS): a network reads the leading ones it
+            # was built for, so stage 1 (image + FRST) runs on the same features as a 3-channel student.
+            x = x[:, :self.in_channels]
         x1 = self.level1(self.projection(x))
         x2 = self.level2(x1)
         x3 = self.level3(x2)

@@ -33,8 +33,20 @@ class TeacherNet(nn.Module):
                                       n_classes)
 
     def load_stage1(self, stage1_state: dict[str, torch.Tensor]) -> None:
-        """Initialise T_f + T_s from a trained stage-1 ``ShallowUNet`` state dict (same width)."""
-        self.unet.load_state_dict(stage1_state)
+        """Initialise T_f + T_s from a trained stage-1 ``ShallowUNet`` state dict (same width).
+
+        A teacher with more input channels than stage 1 (``vessel_context``) starts with zero weights on
+        the extra ones: it begins as the stage-1 function and learns what the extra channel adds.
+        """
+        state = dict(stage1_state)
+        key = "encoder.projection.weight"
+        own = self.unet.state_dict()[key]
+        given = state[key]
+        if given.shape[1] < own.shape[1] and given.shape[0] == own.shape[0]:
+            widened = torch.zeros_like(own)
+            widened[:, :given.shape[1]] = given
+            state[key] = widened
+        self.unet.load_state_dict(state)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.unet.encoder(x)

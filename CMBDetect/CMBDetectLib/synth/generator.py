@@ -68,6 +68,8 @@ class SynthConfig:
     p_no_cmbs: float = 0.3
     min_radius_mm: float = 1.0
     max_radius_mm: float = 5.0
+    radius_mean_mm: float = 1.5                            # log-normal radius prior (cmbs.sample_radius)
+    radius_sd_mm: float = 0.45
     p_touch_vessel: float = 0.15
     vessel_density: float = 1.0
     calcification_rate: float = 1.0
@@ -318,7 +320,8 @@ def generate_case(seed: int, modality: str = "swi", *, index: int = 0, config: S
     if cmbs is None:
         count = n_cmbs if n_cmbs is not None else sample_cmb_count(rng, config.min_cmbs, config.max_cmbs,
                                                                    config.p_no_cmbs)
-        cmbs = [CMBSpec(radius_mm=sample_radius(rng, config.min_radius_mm, config.max_radius_mm))
+        cmbs = [CMBSpec(radius_mm=sample_radius(rng, config.min_radius_mm, config.max_radius_mm,
+                                                config.radius_mean_mm, config.radius_sd_mm))
                 for _ in range(int(count))]
     placed = place_cmbs(rng, list(cmbs), anatomy, transform.head_to_scanner, grid.fits, vessels,
                         acquisition.b0_tesla, config.p_touch_vessel)

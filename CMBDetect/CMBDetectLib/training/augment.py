@@ -32,7 +32,9 @@ class AugmentationConfig:
     blur_sigma: tuple[float, float] = (0.1, 0.2)      # voxels
     noise_probability: float = 0.5
     blur_probability: float = 0.5
-    noise_channels: tuple[int, ...] = (0,)            # intensity only: FRST is derived, not measured
+    # The measured channels (features.CHANNELS): the image and, with vessel_context, the image before vessel
+    # suppression; FRST is derived, not measured. Channels a patch does not have are skipped.
+    noise_channels: tuple[int, ...] = (0, 2)
     # Noise variance is in units of the channel's variance inside the patch (z-score units, as in the
     # paper's normalised images); our intensities live in [0, 1] with CMB contrasts of ~0.3, where an
     # absolute sigma of 0.2 would bury small CMBs.
@@ -65,11 +67,20 @@ def augment_patch(patch: np.ndarray, rng: np.random.Generator, config: Augmentat
     out = np.array(patch, dtype=np.float32, copy=True)
     if config.noise_probability > 0 and rng.random() < config.noise_probability:
         variance = rng.uniform(*config.noise_variance)
-        for channel in config.noise_channels:
+        # One noise field for every measured channel: they are two versions of one acquisition, whose
+        # noise is the same. It is drawn for the first channel exactly as a one-channel recipe always drew
+        # it (bit for bit: make model reproduces older packages) and rescaled for the others.
+        noise, first_scale = None, 1.0
+        for channel in (c for c in config.noise_channels if c < out.shape[0]):
             scale = float(out[channel].std()) if config.relative_noise else 1.0
-            if scale > 0:
-                out[channel] += rng.normal(0.0, np.sqrt(variance) * scale,
-                                           size=out[channel].shape).astype(np.float32)
+            if scale <= 0:
+                continue
+            if noise is None:
+                noise = rng.normal(0.0, np.sqrt(variance) * scale, size=out[channel].shape).astype(np.float32)
+                first_scale = scale
+                out[channel] += noise
+            else:
+                out[channel] += noise * np.float32(scale / first_scale)
     if config.blur_probability > 0 and rng.random() < config.blur_probability:
         sigma = rng.uniform(*config.blur_sigma)
         for channel in range(out.shape[0]):

@@ -93,6 +93,7 @@ class TrainingConfig:
     vessel_suppression: bool = True
     qsm_scaling: str = "compress"             # preprocessing.QSM_SCALINGS ("clip": packages up to 1.4.0)
     brain_mask: str = "otsu"                  # preprocessing.BRAIN_MASK_METHODS (the bundled models': "otsu")
+    vessel_context: bool = False              # teacher + student also see the image before vessel suppression
     overlap: float = 0.25
     evidence_threshold: float = 0.05
     # thresholds
@@ -144,4 +145,7 @@ class TrainingConfig:
         for key, allowed in (("qsm_scaling", QSM_SCALINGS), ("brain_mask", BRAIN_MASK_METHODS)):
             if values.get(key, getattr(config, key)) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {values[key]!r}")
+        if values.get("vessel_context", config.vessel_context) and \
+                not values.get("vessel_suppression", config.vessel_suppression):
+            raise ValueError("vessel_context adds the image before vessel suppression: it needs vessel_suppression")
         return replace(config, **values, **stages)

@@ -41,7 +41,7 @@ class TrainingCase:
     subject: str
     modality: str
     dataset: str
-    channels: np.ndarray                 # float16 [2, K, J, I] (float32 on demand: ``float_channels``)
+    channels: np.ndarray                 # float16 [C, K, J, I], features.CHANNELS (float32: ``float_channels``)
     brain_mask: np.ndarray               # bool [K, J, I]
     labels: np.ndarray                   # uint8 [K, J, I], 1 = CMB
     instances: np.ndarray                # int32 [K, J, I], k = CMB k
@@ -110,6 +110,9 @@ def feature_cache_key(image_sha256: str, modality: str, preprocessing: dict) -> 
     if modality != "qsm":
         # QSM's scaling does not touch SWI / T2*-GRE features: their cached features stay valid.
         preprocessing = {k: v for k, v in preprocessing.items() if k != "qsm_scaling"}
+    if not preprocessing.get("vessel_context", False):
+        # Off is how every feature was made before the setting existed: those cached features stay valid.
+        preprocessing = {k: v for k, v in preprocessing.items() if k != "vessel_context"}
     settings = json.dumps({"modality": modality, "preprocessing": preprocessing, "version": __version__,
                            "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(f"{image_sha256}\n{settings}".encode()).hexdigest()

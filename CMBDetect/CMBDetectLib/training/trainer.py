@@ -25,7 +25,7 @@ import torch
 from CMBDetectLib import __version__
 from CMBDetectLib.device import describe_device, select_device
 from CMBDetectLib.errors import InputError, ModelError
-from CMBDetectLib.features import feature_settings
+from CMBDetectLib.features import BASE_CHANNELS, discriminator_channels, feature_settings
 from CMBDetectLib.networks import ShallowUNet, StudentNet, TeacherNet, network_config
 from CMBDetectLib.progress import ProgressCallback, no_progress, scaled
 from CMBDetectLib.training.config import StageConfig, TrainingConfig
@@ -152,7 +152,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     base = ModelPackage.load(init_model) if init_model is not None else None
     preprocessing = {"working_spacing_mm": settings.working_spacing_mm,
                      "vessel_suppression": settings.vessel_suppression, "qsm_scaling": settings.qsm_scaling,
-                     "brain_mask": settings.brain_mask,
+                     "brain_mask": settings.brain_mask, "vessel_context": settings.vessel_context,
                      "overlap": settings.overlap, "evidence_threshold": settings.evidence_threshold}
     if base is not None:
         # The networks only understand inputs made the way they were trained (a package that does not
@@ -163,6 +163,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
             settings, working_spacing_mm=float(preprocessing["working_spacing_mm"]),
             vessel_suppression=bool(preprocessing["vessel_suppression"]),
             qsm_scaling=str(preprocessing["qsm_scaling"]), brain_mask=str(preprocessing["brain_mask"]),
+            vessel_context=bool(preprocessing["vessel_context"]),
             overlap=float(preprocessing["overlap"]),
             evidence_threshold=float(preprocessing["evidence_threshold"]),
             inference_patch_size=base.patch_size("stage1"),
@@ -184,12 +185,13 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     log("data", cases=len(cases), train=[cases[i].case for i in train_ids],
         validation=[cases[i].case for i in validation_ids], cmbs=sum(c.n_cmbs for c in cases))
     checkpoints = work / "checkpoints"
+    stage2_channels = discriminator_channels(settings.vessel_context)
 
     # ---- stage 1
     if base is not None:
         stage1 = base.network("stage1", "cpu")
     else:
-        stage1 = ShallowUNet(in_channels=2, width=settings.stage1_width)
+        stage1 = ShallowUNet(in_channels=BASE_CHANNELS, width=settings.stage1_width)
     stage1_result = train_segmentation_stage(
         stage1, cases, train_ids, validation_ids, settings.stage1, seed=seed, device=device,
         checkpoint=checkpoints / "stage1.pt", log=log, progress=scaled(report, 0.1, 0.4),
@@ -211,7 +213,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
             teacher = base.network("teacher", device)
             log("teacher_reused", model=base.label)
         else:
-            teacher = TeacherNet(in_channels=2, width=stage1.config["width"],
+            teacher = TeacherNet(in_channels=stage2_channels, width=stage1.config["width"],
                                  arm_channels=settings.teacher_arm_channels, fc=settings.teacher_fc)
             teacher.load_stage1(stage1.state_dict())
             teacher_result = train_teacher_stage(
@@ -239,7 +241,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     if base is not None:
         student = base.network("student", "cpu")
     else:
-        student = StudentNet(in_channels=2, width=settings.student_width,
+        student = StudentNet(in_channels=stage2_channels, width=settings.student_width,
                              arm_channels=settings.student_arm_channels, fc=settings.student_fc)
     student_result = train_student_stage(
         student, teacher, cases, train_items, validation_items, settings, seed=seed, device=device,
