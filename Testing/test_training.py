@@ -16,7 +16,7 @@ import pytest
 import torch
 from tiny_dataset import write_dataset
 
-from CMBDetectLib.errors import CancelledError, ModelError
+from CMBDetectLib.errors import CancelledError, InputError, ModelError
 from CMBDetectLib.networks import ShallowUNet
 from CMBDetectLib.training import StageConfig, train_model
 from CMBDetectLib.training.augment import AugmentationConfig
@@ -206,6 +206,26 @@ def test_training_is_deterministic_and_resumes_exactly(cases: list, tmp_path: Pa
     event = threading.Event()
     event.set()  # would cancel at once if any step ran
     assert _same_weights(first, _run_stage1(cases, seed=3, checkpoint=checkpoint, cancel=event))
+
+
+def test_resuming_with_another_network_is_a_clear_error(cases: list, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "stage1.pt"
+    _run_stage1(cases, seed=3, checkpoint=checkpoint, config=_stage1_config(epochs=1, steps_per_epoch=1))
+    other = ShallowUNet(in_channels=3, width=4)        # same stage settings, another input layer
+    with pytest.raises(InputError, match="holds another network"):
+        train_segmentation_stage(other, cases, [0, 1, 2], [3], _stage1_config(epochs=1, steps_per_epoch=1), seed=3,
+                                 device=torch.device("cpu"), checkpoint=checkpoint, log=None, progress=None,
+                                 cancel=None)
+
+
+def test_a_stage_setting_added_later_keeps_older_checkpoints_resumable() -> None:
+    from CMBDetectLib.training.loop import _fingerprint
+
+    # 1.5.0's stage-1 checkpoint was saved before cmb_size_balance existed; at its old value (0) the
+    # fingerprint is what it was then, any other value is another run
+    plain = json.loads(_fingerprint(StageConfig(), None))
+    assert "cmb_size_balance" not in plain["stage"] and "lr" in plain["stage"]
+    assert json.loads(_fingerprint(StageConfig(cmb_size_balance=1.0), None))["stage"]["cmb_size_balance"] == 1.0
 
 
 def test_train_model_end_to_end_with_and_without_distillation(dataset: Path, cache: Path,

@@ -24,6 +24,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
+#: channels that carry the noise of another (features.CHANNELS): channel 2 (``vessel_context``) is channel 0
+#: before vessel suppression, the same acquisition
+SAME_NOISE_AS = {0: (2,)}
+
 
 @dataclass(frozen=True)
 class AugmentationConfig:
@@ -32,9 +36,7 @@ class AugmentationConfig:
     blur_sigma: tuple[float, float] = (0.1, 0.2)      # voxels
     noise_probability: float = 0.5
     blur_probability: float = 0.5
-    # The measured channels (features.CHANNELS): the image and, with vessel_context, the image before vessel
-    # suppression; FRST is derived, not measured. Channels a patch does not have are skipped.
-    noise_channels: tuple[int, ...] = (0, 2)
+    noise_channels: tuple[int, ...] = (0,)            # intensity only: FRST is derived, not measured
     # Noise variance is in units of the channel's variance inside the patch (z-score units, as in the
     # paper's normalised images); our intensities live in [0, 1] with CMB contrasts of ~0.3, where an
     # absolute sigma of 0.2 would bury small CMBs.
@@ -71,7 +73,9 @@ def augment_patch(patch: np.ndarray, rng: np.random.Generator, config: Augmentat
         # noise is the same. It is drawn for the first channel exactly as a one-channel recipe always drew
         # it (bit for bit: make model reproduces older packages) and rescaled for the others.
         noise, first_scale = None, 1.0
-        for channel in (c for c in config.noise_channels if c < out.shape[0]):
+        followers = [c for n in config.noise_channels for c in SAME_NOISE_AS.get(n, ())]
+        channels = [*config.noise_channels, *(c for c in followers if c not in config.noise_channels)]
+        for channel in (c for c in channels if c < out.shape[0]):
             scale = float(out[channel].std()) if config.relative_noise else 1.0
             if scale <= 0:
                 continue

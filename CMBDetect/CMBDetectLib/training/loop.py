@@ -77,8 +77,14 @@ def as_cancel_check(cancel) -> Callable[[], bool]:
     return cancel
 
 
+#: stage settings added after checkpoints existed, with the value those checkpoints were trained with: left
+#: out of the fingerprint at that value, so the older checkpoints still resume (and are reused by variants)
+_LATER_SETTINGS = {"cmb_size_balance": 0.0}
+
+
 def _fingerprint(config: StageConfig, extra: dict | None) -> str:
-    values = {k: v for k, v in asdict(config).items() if k not in _BUDGET_KEYS}
+    values = {k: v for k, v in asdict(config).items()
+              if k not in _BUDGET_KEYS and not (k in _LATER_SETTINGS and v == _LATER_SETTINGS[k])}
     return json.dumps({"stage": values, "extra": extra or {}}, sort_keys=True, default=str)
 
 
@@ -109,7 +115,11 @@ def train_stage(name: str, model: nn.Module, config: StageConfig, train_step: Tr
         if saved.get("fingerprint") != fingerprint:
             raise InputError(f"the {name} checkpoint {checkpoint_path} was made with different settings; "
                              "start again without --resume or use the same options")
-        model.load_state_dict(saved["model"])
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as error:    # another architecture (e.g. inputs with or without vessel_context)
+            raise InputError(f"the {name} checkpoint {checkpoint_path} holds another network than this run "
+                             "trains; start again without --resume or use the same options") from error
         optimiser.load_state_dict(saved["optimizer"])
         best_state = saved["best_state"]
         result = StageResult(name, saved["epoch"], saved["steps"], float(saved["best"]), saved["best_epoch"],
