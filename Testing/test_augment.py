@@ -119,3 +119,27 @@ def test_the_image_before_vessel_suppression_gets_the_same_noise_field() -> None
     # one acquisition, one noise: channel 2 carries the same field, scaled to its own contrast
     np.testing.assert_allclose(b[2] - three[2], 2.0 * (a[0] - two[0]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(b[1], three[1])         # FRST: none
+
+
+def test_in_plane_rotations_keep_the_slice_axis_and_move_labels_with_channels():
+    from CMBDetectLib.training.augment import random_in_plane_rotation, random_symmetry
+
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[1, 2, 4] = 1                                     # an off-centre "CMB"
+    patch = np.stack([labels * 5.0, labels * 2.0]).astype(np.float32)
+    assert AugmentationConfig().rotate_in_plane_probability == 0.0
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    same, same_labels = random_symmetry(rng, AugmentationConfig(), patch, labels)
+    assert same is patch and same_labels is labels and rng.bit_generator.state == state  # older recipes replay
+    seen = set()
+    for seed in range(40):
+        turned, turned_labels = random_in_plane_rotation(np.random.default_rng(seed), 1.0, patch, labels)
+        where = tuple(int(v) for v in np.argwhere(turned_labels)[0])
+        assert np.argwhere(turned[0]).tolist() == [list(where)] and turned[1][where] == 2.0
+        assert where[0] == 1                                # the slice index never changes
+        seen.add(where)
+    # the three quarter turns of (j, i) = (2, 4) about the centre of a 6 x 6 plane
+    assert seen == {(1, 1, 2), (1, 3, 1), (1, 4, 3)}
+    config = AugmentationConfig(flip_probability=0.5, rotate_in_plane_probability=0.5).disabled()
+    assert config.rotate_in_plane_probability == 0.0

@@ -226,6 +226,9 @@ def test_a_stage_setting_added_later_keeps_older_checkpoints_resumable() -> None
     plain = json.loads(_fingerprint(StageConfig(), None))
     assert "cmb_size_balance" not in plain["stage"] and "lr" in plain["stage"]
     assert json.loads(_fingerprint(StageConfig(cmb_size_balance=1.0), None))["stage"]["cmb_size_balance"] == 1.0
+    assert "rotate_in_plane_probability" not in plain["stage"]["augmentation"]
+    turned = StageConfig(augmentation=AugmentationConfig(rotate_in_plane_probability=0.5))
+    assert json.loads(_fingerprint(turned, None))["stage"]["augmentation"]["rotate_in_plane_probability"] == 0.5
 
 
 def test_train_model_end_to_end_with_and_without_distillation(dataset: Path, cache: Path,

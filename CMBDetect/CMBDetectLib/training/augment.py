@@ -42,6 +42,9 @@ class AugmentationConfig:
     # absolute sigma of 0.2 would bury small CMBs.
     relative_noise: bool = True
     flip_probability: float = 0.0                     # per axis; 0 keeps the paper's Table 1 exactly
+    # a random multiple of 90 degrees about the slice axis (B0 and the thick-slice axis stay where they are,
+    # so blooming and partial volume look as they do on a scanner); 0 draws nothing (older recipes replay)
+    rotate_in_plane_probability: float = 0.0
 
     @classmethod
     def from_dict(cls, values: dict | None) -> AugmentationConfig:
@@ -53,7 +56,7 @@ class AugmentationConfig:
 
     def disabled(self) -> AugmentationConfig:
         return replace(self, translation_voxels=0, noise_probability=0.0, blur_probability=0.0,
-                       flip_probability=0.0)
+                       flip_probability=0.0, rotate_in_plane_probability=0.0)
 
 
 def random_offset(rng: np.random.Generator, translation_voxels: int) -> np.ndarray:
@@ -104,3 +107,26 @@ def random_flip(rng: np.random.Generator, probability: float, channels: np.ndarr
             labels = None if labels is None else np.flip(labels, axis=axis)
     return (np.ascontiguousarray(channels),
             None if labels is None else np.ascontiguousarray(labels))
+
+
+def random_in_plane_rotation(rng: np.random.Generator, probability: float, channels: np.ndarray,
+                             labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """With ``probability``, rotate ``channels [C, D, H, W]`` (and ``labels [D, H, W]``) by 90, 180 or 270
+    degrees in the (H, W) plane; the slice axis D is kept. Draws nothing when ``probability`` is 0.
+
+    Meant for the working grid, whose in-plane voxels are square (resampled to the working spacing, or
+    native when coarser, and the scans' in-plane spacing is isotropic).
+    """
+    if probability <= 0 or rng.random() >= probability:
+        return channels, labels
+    turns = int(rng.integers(1, 4))
+    channels = np.ascontiguousarray(np.rot90(channels, turns, axes=(2, 3)))
+    labels = None if labels is None else np.ascontiguousarray(np.rot90(labels, turns, axes=(1, 2)))
+    return channels, labels
+
+
+def random_symmetry(rng: np.random.Generator, config: AugmentationConfig, channels: np.ndarray,
+                    labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The configured mirror flips, then the in-plane rotation (each draws nothing when off)."""
+    channels, labels = random_flip(rng, config.flip_probability, channels, labels)
+    return random_in_plane_rotation(rng, config.rotate_in_plane_probability, channels, labels)

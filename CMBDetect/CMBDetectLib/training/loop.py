@@ -80,11 +80,18 @@ def as_cancel_check(cancel) -> Callable[[], bool]:
 #: stage settings added after checkpoints existed, with the value those checkpoints were trained with: left
 #: out of the fingerprint at that value, so the older checkpoints still resume (and are reused by variants)
 _LATER_SETTINGS = {"cmb_size_balance": 0.0}
+_LATER_AUGMENTATION_SETTINGS = {"rotate_in_plane_probability": 0.0}
+
+
+def _without_later_defaults(values: dict, later: dict) -> dict:
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
 
 
 def _fingerprint(config: StageConfig, extra: dict | None) -> str:
-    values = {k: v for k, v in asdict(config).items()
-              if k not in _BUDGET_KEYS and not (k in _LATER_SETTINGS and v == _LATER_SETTINGS[k])}
+    values = _without_later_defaults({k: v for k, v in asdict(config).items() if k not in _BUDGET_KEYS},
+                                     _LATER_SETTINGS)
+    if isinstance(values.get("augmentation"), dict):
+        values["augmentation"] = _without_later_defaults(values["augmentation"], _LATER_AUGMENTATION_SETTINGS)
     return json.dumps({"stage": values, "extra": extra or {}}, sort_keys=True, default=str)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from CMBDetectLib.candidates import extract_patches
-from CMBDetectLib.training.augment import AugmentationConfig, augment_patch, random_flip, random_offset
+from CMBDetectLib.training.augment import AugmentationConfig, augment_patch, random_offset, random_symmetry
 from CMBDetectLib.training.data import TrainingCase
 
 
@@ -105,12 +105,12 @@ def sample_segmentation_batch(cases: list[TrainingCase], indices: list[int], rng
             instances = extract_patches(cases[index].instances[None], np.asarray(centre)[None], patch_size)[0]
             weights = size_balance_weights(cases[index].cmb_sizes, size_balance)[instances]
             # flipped together with the channels so that the weights stay on their voxels
-            stacked, labels = random_flip(rng, augmentation.flip_probability,
-                                          np.concatenate([channels, weights.astype(np.float32)]), labels)
+            stacked, labels = random_symmetry(rng, augmentation,
+                                              np.concatenate([channels, weights.astype(np.float32)]), labels)
             channels, weights = stacked[:-1], stacked[-1]
             ws.append(np.ascontiguousarray(weights))
         else:
-            channels, labels = random_flip(rng, augmentation.flip_probability, channels, labels)
+            channels, labels = random_symmetry(rng, augmentation, channels, labels)
         xs.append(augment_patch(channels, rng, augmentation))
         ys.append(labels)
     if size_balance > 0:
@@ -176,7 +176,7 @@ class TeacherSampler:
             centre = np.round(np.asarray(item.centre, dtype=float)).astype(np.int64)
             centre = centre + random_offset(rng, limit)
             channels, labels = _crop(self.cases[item.case], centre, self.patch_size)
-            channels, labels = random_flip(rng, augmentation.flip_probability, channels, labels)
+            channels, labels = random_symmetry(rng, augmentation, channels, labels)
             xs.append(augment_patch(channels, rng, augmentation))
             ys.append(labels)
             classes.append(central_label(labels, self.central_radius))
@@ -200,14 +200,14 @@ class CandidateSampler:
 
     def sample(self, rng: np.random.Generator, batch_size: int, positive_fraction: float,
                augmentation: AugmentationConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Class-balanced batch ``(x [B, 2, P, P, P], labels [B])`` (sampling with replacement)."""
+        """Class-balanced batch ``(x [B, C, P, P, P], labels [B])`` (sampling with replacement)."""
         xs, ys = [], []
         for _ in range(batch_size):
             positive = bool(self.positives) and (not self.negatives or rng.random() < positive_fraction)
             pool = self.positives if positive else self.negatives
             item = pool[rng.integers(len(pool))]
             patch = self._patch(item, random_offset(rng, augmentation.translation_voxels))
-            patch, _ = random_flip(rng, augmentation.flip_probability, patch)
+            patch, _ = random_symmetry(rng, augmentation, patch)
             xs.append(augment_patch(patch, rng, augmentation))
             ys.append(item.label)
         return np.stack(xs), np.array(ys, dtype=np.int64)
