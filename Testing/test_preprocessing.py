@@ -259,7 +259,8 @@ def test_qsm_compression_keeps_how_paramagnetic_a_bright_spot_is():
     # A model package that does not record the option was trained with the legacy one.
     assert feature_settings({})["qsm_scaling"] == LEGACY_QSM_SCALING == "clip"
     assert feature_settings({"qsm_scaling": "compress", "working_spacing_mm": 0.7}) == {
-        "working_spacing_mm": 0.7, "vessel_suppression": True, "qsm_scaling": "compress", "brain_mask": "otsu"}
+        "working_spacing_mm": 0.7, "vessel_suppression": True, "qsm_scaling": "compress", "brain_mask": "otsu",
+        "vessel_context": False}
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
