@@ -1,0 +1,109 @@
+"""Experiment probe: would averaging the students of several trainings help?
+
+``python scripts/probe_student_ensemble.py BASE OTHER [OTHER ...]`` runs BASE (features, stage 1, candidates at
+``Th_Cdet`` 0.4 with BASE's post-processing) on the 72-scan development set, scores every kept candidate with
+each package's student (test-time flips on) and with the averages of the students, and prints, per modality,
+the most CMBs found at <= 1 FP/scan over a ``Th_Cdisc`` sweep. Every OTHER must share BASE's stage 1 (e.g. a
+``train_variant.py`` run without ``--retrain-stage1``), so all students see the same candidates.
+
+A simplified protocol, not the calibration's: ``Th_Cdet`` and the filters stay fixed, and a candidate is a TP
+when the CMB instance map is non-zero within one voxel of its centroid (each CMB counted once). For BASE alone it
+reproduces the calibration's per-modality counts when BASE was calibrated at ``Th_Cdet`` 0.4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from evaluate_model import DEV_PER_CELL, case_index  # noqa: E402
+
+from CMBDetectLib.candidates import extract_patches  # noqa: E402
+from CMBDetectLib.model_package import ModelPackage  # noqa: E402
+from CMBDetectLib.networks.discriminator import student_probabilities  # noqa: E402
+from CMBDetectLib.pipeline import DetectionParameters, DetectionSession  # noqa: E402
+from CMBDetectLib.training.data import ras_to_working_index  # noqa: E402
+from CMBDetectLib.volume import read_volume  # noqa: E402
+
+TH_DET = 0.4
+TH_DISC_SWEEP = np.round(np.arange(0.05, 1.0, 0.05), 2)
+
+
+def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage]) -> list[dict]:
+    students = {name: package.network("student", "cpu").eval() for name, package in packages.items()}
+    rows = []
+    images = sorted(p for p in (dev / "imagesTr").glob("*.nii.gz") if case_index(p) % 100 < DEV_PER_CELL)
+    for number, image in enumerate(images, start=1):
+        case = image.name[:-len("_0000.nii.gz")]
+        review = json.loads((dev / "cmbdetect" / "reviews" / f"{case}.json").read_text())
+        instances = ndimage.grey_dilation(read_volume(dev / "cmbdetect" / "instances" / f"{case}.nii.gz").array,
+                                          size=(3, 3, 3))
+        params = DetectionParameters.for_model(base, review["modality"])
+        params.th_det, params.th_disc = TH_DET, 0.0
+        session = DetectionSession(base, device="cpu")
+        kept = [c for c in session.run(read_volume(image), review["modality"], params=params).candidates if c.final]
+        hits = []
+        for candidate in kept:
+            i, j, k = np.round(candidate.centroid_ijk).astype(int)
+            k, j, i = (min(max(v, 0), s - 1) for v, s in zip((k, j, i), instances.shape))
+            hits.append(int(instances[k, j, i]))
+        scores: dict[str, list[float]] = {name: [] for name in students}
+        if kept:
+            centres = np.round(ras_to_working_index(session.features.grid,
+                                                    np.array([c.centroid_ras for c in kept])))
+            patches = extract_patches(session.features.channels, centres, base.patch_size("student"))
+            batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+            with torch.no_grad():
+                for name, student in students.items():
+                    scores[name] = student_probabilities(student, batch, flips=True).numpy().tolist()
+        rows.append({"modality": review["modality"], "hits": hits, "scores": scores})
+        print(f"[{number}/{len(images)}] {case}: {len(kept)} candidates", flush=True)
+    return rows
+
+
+def best_at_one_fp(rows: list[dict], names: tuple[str, ...], modality: str) -> tuple[int, int, float]:
+    mine = [row for row in rows if row["modality"] == modality]
+    best = (0, 0, 1.0)
+    for threshold in TH_DISC_SWEEP:
+        tp = fp = 0
+        for row in mine:
+            if not row["hits"]:
+                continue
+            mean = np.mean([row["scores"][name] for name in names], axis=0)
+            tp += len({hit for hit, score in zip(row["hits"], mean) if hit and score >= threshold})
+            fp += sum(1 for hit, score in zip(row["hits"], mean) if not hit and score >= threshold)
+        if fp <= len(mine) and (tp > best[0] or (tp == best[0] and fp < best[1])):
+            best = (tp, fp, float(threshold))
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base")
+    parser.add_argument("others", nargs="+")
+    parser.add_argument("--dev", default="build/evaluation_dev/dev")
+    args = parser.parse_args()
+    base = ModelPackage.load(args.base)
+    packages = {base.label: base, **{ModelPackage.load(o).label: ModelPackage.load(o) for o in args.others}}
+    rows = score_scans(Path(args.dev), base, packages)
+    names = list(packages)
+    for size in range(1, len(names) + 1):
+        for combo in itertools.combinations(names, size):
+            parts = {m: best_at_one_fp(rows, combo, m) for m in ("swi", "t2s", "qsm")}
+            total = [sum(p[i] for p in parts.values()) for i in (0, 1)]
+            detail = ", ".join(f"{m} {tp} / {fp} FP @ {t:.2f}" for m, (tp, fp, t) in parts.items())
+            print(f"{' + '.join(combo)}: {total[0]} CMBs, {total[1]} FP ({detail})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
