@@ -135,7 +135,7 @@ def detect_learned(images: list[Path], out: Path, model: str) -> float | None:
     return sum(timed) / len(timed) if timed else None
 
 
-def detection_time_text(seconds: float | None, n_scans: int) -> str:
+def detection_time_text(seconds: float | None) -> str:
     if seconds is None:
         return "Detection time not measured in this run (its predictions were made by an earlier one)"
     return (f"Mean detection time {seconds:.1f} s per scan ({platform.machine()}, {os.cpu_count()} CPU "
@@ -315,7 +315,7 @@ def main() -> int:
              f"{MIN_CMBS}-30 CMBs per scan plus the generator's mimics (veins, calcifications, iron, air "
              f"artefacts). Operating point: the model's own, {operating_point(model)}: thresholds "
              f"{model.thresholds}, post-processing {model.postprocessing}. "
-             f"{detection_time_text(seconds, len(images))}.", "",
+             f"{detection_time_text(seconds)}.", "",
              "## Learned pipeline (after post-processing)", *table(grouped(learned, info)), "",
              "## Per stage (like the paper's Table 2; candidates matched by centroid)", *stage_table(learned), "",
              "## Where CMBs and false candidates are removed",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate_model import DEV_PER_CELL, case_index  # noqa: E402
+from calibrate_model import development_cases  # noqa: E402
+from evaluate_model import DEV_PER_CELL  # noqa: E402
 
 from CMBDetectLib.candidates import extract_patches  # noqa: E402
 from CMBDetectLib.model_package import ModelPackage  # noqa: E402
@@ -41,16 +41,13 @@ TH_DISC_SWEEP = np.round(np.arange(0.05, 1.0, 0.05), 2)
 def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage]) -> list[dict]:
     students = {name: package.network("student", "cpu").eval() for name, package in packages.items()}
     rows = []
-    images = sorted(p for p in (dev / "imagesTr").glob("*.nii.gz") if case_index(p) % 100 < DEV_PER_CELL)
-    for number, image in enumerate(images, start=1):
-        case = image.name[:-len("_0000.nii.gz")]
-        review = json.loads((dev / "cmbdetect" / "reviews" / f"{case}.json").read_text())
-        instances = ndimage.grey_dilation(read_volume(dev / "cmbdetect" / "instances" / f"{case}.nii.gz").array,
-                                          size=(3, 3, 3))
-        params = DetectionParameters.for_model(base, review["modality"])
+    cases = development_cases(dev, DEV_PER_CELL)
+    for number, (case, image, instances_path, modality) in enumerate(cases, start=1):
+        instances = ndimage.grey_dilation(read_volume(instances_path).array, size=(3, 3, 3))
+        params = DetectionParameters.for_model(base, modality)
         params.th_det, params.th_disc = TH_DET, 0.0
         session = DetectionSession(base, device="cpu")
-        kept = [c for c in session.run(read_volume(image), review["modality"], params=params).candidates if c.final]
+        kept = [c for c in session.run(read_volume(image), modality, params=params).candidates if c.final]
         hits = []
         for candidate in kept:
             i, j, k = np.round(candidate.centroid_ijk).astype(int)
@@ -65,8 +62,8 @@ def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage]
             with torch.no_grad():
                 for name, student in students.items():
                     scores[name] = student_probabilities(student, batch, flips=True).numpy().tolist()
-        rows.append({"modality": review["modality"], "hits": hits, "scores": scores})
-        print(f"[{number}/{len(images)}] {case}: {len(kept)} candidates", flush=True)
+        rows.append({"modality": modality, "hits": hits, "scores": scores})
+        print(f"[{number}/{len(cases)}] {case}: {len(kept)} candidates", flush=True)
     return rows
 
 
@@ -93,7 +90,7 @@ def main() -> int:
     parser.add_argument("--dev", default="build/evaluation_dev/dev")
     args = parser.parse_args()
     base = ModelPackage.load(args.base)
-    packages = {base.label: base, **{ModelPackage.load(o).label: ModelPackage.load(o) for o in args.others}}
+    packages = {package.label: package for package in [base, *map(ModelPackage.load, args.others)]}
     rows = score_scans(Path(args.dev), base, packages)
     names = list(packages)
     for size in range(1, len(names) + 1):
