@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -37,23 +38,24 @@ def reach_rows(model: ModelPackage, dev_dir: Path, per_cell: int) -> list[dict]:
         session.run(volume, modality, params=DetectionParameters.for_model(model, th_det=max(LEVELS)))
         probability, labels = session.probability_on_input().array, truth.array
         thickness = int(round(max(volume.spacing)))
-        for instance in np.unique(labels[labels > 0]):
-            inside = labels == instance
-            rows.append({"case": case, "modality": modality, "slice_mm": thickness, "cmb": int(instance),
-                         "voxels": int(inside.sum()), "p_max": float(probability[inside].max())})
-        print(f"{case}: {int(len(np.unique(labels[labels > 0])))} CMBs", flush=True)
+        instances = np.unique(labels[labels > 0])
+        # one pass over the volume for every CMB's peak and size
+        peaks = ndimage.maximum(probability, labels, instances)
+        sizes = ndimage.sum_labels(np.ones(labels.shape, np.int32), labels, instances)
+        rows += [{"case": case, "modality": modality, "slice_mm": thickness, "cmb": int(instance),
+                  "voxels": int(size), "p_max": float(peak)} for instance, peak, size in zip(instances, peaks, sizes)]
+        print(f"{case}: {len(instances)} CMBs", flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    cells: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for row in rows:
-        cells[(row["modality"], row["slice_mm"])].append(row["p_max"])
-    cells[("all", 0)] = [row["p_max"] for row in rows]
+    cells: dict[str, list[float]] = defaultdict(list)
+    for row in sorted(rows, key=lambda r: (r["modality"], r["slice_mm"])):
+        cells[f"{row['modality']} {row['slice_mm']} mm"].append(row["p_max"])
+    cells["all"] = [row["p_max"] for row in rows]
     print("cell          CMBs  " + "  ".join(f">={level:<4}" for level in LEVELS))
-    for (modality, thickness), values in sorted(cells.items(), key=lambda item: (item[0][0] == "all", item[0])):
+    for name, values in cells.items():
         p = np.asarray(values)
-        name = modality if modality == "all" else f"{modality} {thickness} mm"
         print(f"{name:<12} {len(p):5d}  " + "  ".join(f"{(p >= level).mean():6.2f}" for level in LEVELS))
 
 
