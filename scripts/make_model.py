@@ -112,7 +112,7 @@ CONFIG = {
     # - that stage 1 with the teacher / student candidates mined at th_det 0.3 instead of 0.5 (8.0 instead of 6.3
     #   false candidates per validation scan): 221 with 65 FP, at the edge of the noise.
     # - vessel_context again with teacher / student seed 1002 (1.5.0's stage 1 reused; the seed-1000 student above
-    #   had never learned: training loss 0.89 -> 0.77): 224 with 66 FP, the best so far but only 2-3x the noise.
+    #   had never learned: training loss 0.89 -> 0.77): 224 with 66 FP.
     #   Its false positives are what it is for: 94 of 1.5.0's 131 development negatives scored >= 0.5 are on 1 mm
     #   scans, at bulges and junctions of large deep veins that vessel suppression turns into round remnants
     #   (scripts/probe_candidate_cells.py).

@@ -20,6 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk  # noqa: N813
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,7 +30,14 @@ from evaluate_model import DEV_PER_CELL  # noqa: E402
 
 from CMBDetectLib.calibration import CalibrationGrid, collect  # noqa: E402
 from CMBDetectLib.model_package import ModelPackage  # noqa: E402
-from CMBDetectLib.volume import read_volume  # noqa: E402
+
+
+def slice_thickness_mm(image: Path) -> int:
+    """The coarsest spacing of an image, from its header only (the voxels were read once, by ``collect``)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(image))
+    reader.ReadImageInformation()
+    return int(round(max(reader.GetSpacing())))
 
 
 def candidate_rows(model: ModelPackage, dev_dir: Path, per_cell: int, th_det: float) -> tuple[list[dict], dict]:
@@ -39,7 +47,7 @@ def candidate_rows(model: ModelPackage, dev_dir: Path, per_cell: int, th_det: fl
                     progress=lambda fraction, message: print(message, flush=True))[model.student_flips]
     rows, cells = [], defaultdict(lambda: {"cmbs": 0, "reached": 0})
     for scan, (_, image, _, _) in zip(scans, cases):
-        cell = f"{scan.modality} {int(round(max(read_volume(image).spacing)))} mm"
+        cell = f"{scan.modality} {slice_thickness_mm(image)} mm"
         table = scan.by_th_det[th_det]
         cells[cell]["cmbs"] += scan.n_gt
         cells[cell]["reached"] += len({cmb for hits in table.hits for cmb in hits})
