@@ -261,6 +261,23 @@ def test_train_model_end_to_end_with_and_without_distillation(dataset: Path, cac
 
 
 
+def test_a_run_resumed_after_stage1_trains_the_same_teacher_and_student(dataset: Path, cache: Path,
+                                                                          tmp_path: Path) -> None:
+    """Initial weights depend only on (seed, stage): a run that resumes with stage 1 done (the no-KD ablation
+    and every scripts/ variant do) must build the teacher and student an uninterrupted run builds."""
+    import shutil
+
+    full = train_model([dataset], tmp_path / "full", tiny_config(cache), seed=4)
+    work = tmp_path / "resumed.work"
+    (work / "checkpoints").mkdir(parents=True)
+    shutil.copy2(tmp_path / "full.work" / "checkpoints" / "stage1.pt", work / "checkpoints" / "stage1.pt")
+    shutil.copy2(tmp_path / "full.work" / "candidates.json", work / "candidates.json")
+    resumed = train_model([dataset], tmp_path / "resumed", tiny_config(cache), seed=4, resume=True, work_dir=work)
+    assert [r["event"] for r in read_log(work / "train_log.jsonl")].count("stage_done") == 2  # stage 1 reused
+    for role in ("stage1", "teacher", "student"):
+        assert resumed.manifest["networks"][role]["sha256"] == full.manifest["networks"][role]["sha256"], role
+
+
 def test_train_command_no_kd_ablation(dataset: Path, cache: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     from CMBDetectLib.cli import main

@@ -7,7 +7,8 @@
 4. Install the package as ``CMBDetect/Resources/Models/<name>-<version>/`` (refuses to overwrite unless
    ``--force``), and train + calibrate the no-KD ablation student used by ``make evaluate``.
 
-Budgets are set so the whole run fits in about 35 minutes on a 2-core CPU (the issue allows 2 hours);
+Budgets are set so the whole run fits in about 50 minutes on a 2-core CPU (1.7.0: 48.6 min including the
+ablation; the issue allows 2 hours);
 ``--quick`` is a smoke test.
 """
 
@@ -28,11 +29,13 @@ from CMBDetectLib.progress import text_progress
 from CMBDetectLib.training.trainer import train_model
 
 NAME = "cmbdetect-synth"
-VERSION = "1.5.0"
+VERSION = "1.7.0"
 TRAIN_SEED = 1000
 # The no-KD ablation student's seed. With 1000 (1.5.0's candidates) the CE-only student did not learn at all
 # (training loss 0.68 -> 0.62, development set 83 of 150 CMBs, its scores all near 0.6); with 1001 it trains
-# normally. Both runs are reported in the README; `make evaluate` uses this one.
+# normally. Both runs are reported in the README; `make evaluate` uses this one. For 1.7.0 (lr 3e-4, Adam eps 1e-8,
+# three input channels) the CE-only student at seed 1001 learned only a little (training loss 0.67 -> 0.60; its
+# KD twin 0.32 -> 0.12): reported as measured in docs/evaluation.md, not re-run with a friendlier seed.
 ABLATION_SEED = 1001
 # More CMBs per scan than the clinical priors (min 2): positives are what the networks must learn from;
 # every scan still carries the full set of mimics (veins, calcifications, iron, air artefacts).
@@ -89,6 +92,10 @@ CONFIG = {
     # i.e. no better, so 1.5.0 stays the default (that choice used the test set; see the README). Its CE-only
     # ablation student (seed 1001) did not learn (82 of 150 development CMBs).
     "brain_mask": "otsu",
+    # 1.7.0: the teacher and the student also see the image before vessel suppression (the five runs below: on
+    # average +6 development CMBs and -5 FP), and the student trains at lr 3e-4 with Adam eps 1e-8 (its entry below).
+    # From scratch, on the 72 development scans: 222 of 271 CMBs with 63 FP (1.5.0: 217 with 69).
+    "vessel_context": True,
     # Tried after 1.5.0 and NOT shipped (2026-12-01, each on the 72-scan development set at its own calibrated
     # point, per-modality Th_Cdisc; 1.5.0 there: 217 of 271 CMBs with 69 FP):
     # - stage1.cmb_size_balance 1.0 (tiny CMBs' voxels weighted up to 10x; full retrain): 215 with 62 FP.
@@ -130,8 +137,13 @@ CONFIG = {
     "stage1": {"epochs": 8, "steps_per_epoch": 200, "max_minutes": 45.0, "patience": 3},
     "teacher": {"epochs": 6, "steps_per_epoch": 100, "max_minutes": 25.0, "patience": 3,
                 "augmentation": {"flip_probability": 0.5}},
-    "student": {"epochs": 8, "steps_per_epoch": 200, "lr_decay_every": 3, "max_minutes": 40.0, "patience": 4,
-                "augmentation": {"flip_probability": 0.5}},
+    # 1.7.0: the student's Adam eps is 1e-8, not the paper's 1e-4. A fresh student's gradients are 1e-4-1e-3 (its
+    # logits barely depend on the input at init), so eps 1e-4 damps its first steps, and at some seeds it never
+    # left that plateau: 1.5.0's CE-only ablation at seed 1000, lr 1e-3, train loss 0.68 -> 0.62 (chance 0.69);
+    # the same run with eps 1e-8: 0.54 -> 0.20 from the first epoch. The first from-scratch 1.7.0 run (eps 1e-4,
+    # lr 3e-4) had failed the same way (0.91 -> 0.83; 180 of 271 development CMBs) and was not installed.
+    "student": {"epochs": 8, "steps_per_epoch": 200, "lr": 3e-4, "adam_eps": 1e-8, "lr_decay_every": 3,
+                "max_minutes": 40.0, "patience": 4, "augmentation": {"flip_probability": 0.5}},
 }
 
 QUICK = {

@@ -60,6 +60,13 @@ def epoch_generator(seed: int, stage: str, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(stage.encode()), int(epoch)])
 
 
+def seed_initialisation(seed: int, stage: str) -> None:
+    """Seed torch's generator for the random initial weights of ``stage``'s network, so that they depend only on
+    (seed, stage): otherwise they depend on how much randomness the earlier stages drew, and a run that resumes
+    after stage 1 (which then draws none) builds a different teacher and student than an uninterrupted run."""
+    torch.manual_seed(int(np.random.default_rng([int(seed), zlib.crc32(stage.encode()), 7]).integers(2 ** 62)))
+
+
 def make_deterministic(seed: int) -> None:
     """Seed torch and ask for deterministic kernels (exact on CPU; best effort on GPUs)."""
     torch.manual_seed(seed)

@@ -32,7 +32,7 @@ from CMBDetectLib.training.config import StageConfig, TrainingConfig
 from CMBDetectLib.training.data import TrainingCase, load_training_cases
 from CMBDetectLib.training.evaluation import choose_discrimination_threshold, discrimination_metrics
 from CMBDetectLib.training.log import JsonLinesLog
-from CMBDetectLib.training.loop import as_cancel_check, make_deterministic
+from CMBDetectLib.training.loop import as_cancel_check, make_deterministic, seed_initialisation
 from CMBDetectLib.training.mining import (
     CaseCandidates,
     candidate_summary,
@@ -213,6 +213,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
             teacher = base.network("teacher", device)
             log("teacher_reused", model=base.label)
         else:
+            seed_initialisation(seed, "teacher")
             teacher = TeacherNet(in_channels=stage2_channels, width=stage1.config["width"],
                                  arm_channels=settings.teacher_arm_channels, fc=settings.teacher_fc)
             teacher.load_stage1(stage1.state_dict())
@@ -241,6 +242,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     if base is not None:
         student = base.network("student", "cpu")
     else:
+        seed_initialisation(seed, "student")
         student = StudentNet(in_channels=stage2_channels, width=settings.student_width,
                              arm_channels=settings.student_arm_channels, fc=settings.student_fc)
     student_result = train_student_stage(
