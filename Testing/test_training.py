@@ -246,6 +246,11 @@ def test_train_model_end_to_end_with_and_without_distillation(dataset: Path, cac
     training = package.manifest["training"]
     assert training["distillation"] is True
     assert set(training["cases"]["train"]).isdisjoint(training["cases"]["validation"])
+    # Provenance, so that a rerun on another machine can tell where it parted from this one.
+    assert set(training["data_sha256"]) == {"images", "labels", "features"}
+    assert all(len(digest) == 64 for digest in training["data_sha256"].values())
+    assert training["machine"]["packages"]["torch"] in (torch.__version__, torch.__version__.split("+")[0])
+    assert training["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     student = loaded.network("student")
     with torch.no_grad():
         assert student(torch.zeros(2, 2, 16, 16, 16)).shape == (2, 2)
@@ -276,6 +281,7 @@ def test_a_run_resumed_after_stage1_trains_the_same_teacher_and_student(dataset:
     assert [r["event"] for r in read_log(work / "train_log.jsonl")].count("stage_done") == 2  # stage 1 reused
     for role in ("stage1", "teacher", "student"):
         assert resumed.manifest["networks"][role]["sha256"] == full.manifest["networks"][role]["sha256"], role
+    assert resumed.manifest["training"]["data_sha256"] == full.manifest["training"]["data_sha256"]
 
 
 def test_train_command_no_kd_ablation(dataset: Path, cache: Path, tmp_path: Path,

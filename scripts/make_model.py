@@ -180,6 +180,33 @@ def same_weights(a: Path, b: Path) -> bool:
     return digests(a) == digests(b)
 
 
+def where_runs_part(new: Path, installed: Path) -> list[str]:
+    """Lines saying where a rerun parted from the installed package: data, features, networks, machine.
+
+    Packages made before 1.7.0's successors record no data digests or machine; then only the networks and the
+    training times can be compared.
+    """
+    def manifest(path: Path) -> dict:
+        return json.loads((path / "model.json").read_text(encoding="utf-8"))
+    ours, theirs = manifest(new), manifest(installed)
+    lines = []
+    our_data, their_data = ours["training"].get("data_sha256"), theirs["training"].get("data_sha256")
+    if our_data and their_data:
+        lines += [f"  {kind}: {'identical' if our_data[kind] == their_data.get(kind) else 'DIFFERENT'} (sha256)"
+                  for kind in our_data]
+    else:
+        lines.append("  data / features: the installed package records no digests (made before they were recorded)")
+    for role, spec in ours["networks"].items():
+        same = spec["sha256"] == theirs["networks"].get(role, {}).get("sha256")
+        lines.append(f"  {role} weights: {'identical' if same else 'different'}")
+    for label, record in (("this run", ours["training"]), ("installed", theirs["training"])):
+        machine = record.get("machine") or {}
+        seconds = {stage: round(result.get("seconds", 0)) for stage, result in record.get("stages", {}).items()}
+        lines.append(f"  {label}: {machine.get('cpu', 'CPU not recorded')} {machine.get('cpu_capability', '')}"
+                     f" {machine.get('packages', '')}; stage seconds {seconds}")
+    return lines
+
+
 def reuse_stage1(main_work: Path, new_work: Path) -> None:
     """A fresh work folder holding only the finished stage-1 checkpoint and mined candidates of
     ``main_work``: ``train_model(..., resume=True)`` then trains just the teacher and the student."""
@@ -253,6 +280,8 @@ def main() -> int:
         else:
             print(f"{target} exists and its weights differ from this run's ({package.path}); "
                   "not replaced: rerun with --force to replace it", file=sys.stderr)
+            # Same seed, same code: on another CPU the floating-point rounding (and so training) can differ.
+            print("\n".join(where_runs_part(package.path, target)), file=sys.stderr)
             status = 1
     else:
         if target.exists():

@@ -1,10 +1,10 @@
 """Experiment probe: would averaging the students of several trainings help?
 
 ``python scripts/probe_student_ensemble.py BASE OTHER [OTHER ...]`` runs BASE (features, stage 1, candidates at
-``Th_Cdet`` 0.4 with BASE's post-processing) on the 72-scan development set, scores every kept candidate with
-each package's student (test-time flips on) and with the averages of the students, and prints, per modality,
-the most CMBs found at <= 1 FP/scan over a ``Th_Cdisc`` sweep. Every OTHER must share BASE's stage 1 (e.g. a
-``train_variant.py`` run without ``--retrain-stage1``), so all students see the same candidates.
+``Th_Cdet`` 0.4 or ``--th-det``, with BASE's post-processing) on the 72-scan development set, scores every kept
+candidate with each package's student (test-time flips on) and with the averages of the students, and prints,
+per modality, the most CMBs found at <= 1 FP/scan over a ``Th_Cdisc`` sweep. Every OTHER must share BASE's
+stage 1 (e.g. a ``train_variant.py`` run without ``--retrain-stage1``), so all students see the same candidates.
 
 A simplified protocol, not the calibration's: ``Th_Cdet`` and the filters stay fixed, and a candidate is a TP
 when the CMB instance map is non-zero within one voxel of its centroid (each CMB counted once). For BASE alone it
@@ -38,14 +38,28 @@ TH_DET = 0.4
 TH_DISC_SWEEP = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 
-def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage]) -> list[dict]:
+class TeacherClassifier(torch.nn.Module):
+    """The teacher's patch-classifier logits alone, so it scores patches exactly like a student."""
+
+    def __init__(self, teacher: torch.nn.Module) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.teacher(patches)[1]
+
+
+def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage],
+                with_teacher: bool = False, th_det: float = TH_DET) -> list[dict]:
     students = {name: package.network("student", "cpu").eval() for name, package in packages.items()}
+    if with_teacher:
+        students[f"{base.label}-teacher"] = TeacherClassifier(base.network("teacher", "cpu")).eval()
     rows = []
     cases = development_cases(dev, DEV_PER_CELL)
     for number, (case, image, instances_path, modality) in enumerate(cases, start=1):
         instances = ndimage.grey_dilation(read_volume(instances_path).array, size=(3, 3, 3))
         params = DetectionParameters.for_model(base, modality)
-        params.th_det, params.th_disc = TH_DET, 0.0
+        params.th_det, params.th_disc = th_det, 0.0
         session = DetectionSession(base, device="cpu")
         kept = [c for c in session.run(read_volume(image), modality, params=params).candidates if c.final]
         hits = []
@@ -86,13 +100,15 @@ def best_at_one_fp(rows: list[dict], names: tuple[str, ...], modality: str) -> t
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("base")
-    parser.add_argument("others", nargs="+")
+    parser.add_argument("others", nargs="*")
+    parser.add_argument("--teacher", action="store_true", help="also score with BASE's teacher")
+    parser.add_argument("--th-det", type=float, default=TH_DET)
     parser.add_argument("--dev", default="build/evaluation_dev/dev")
     args = parser.parse_args()
     base = ModelPackage.load(args.base)
     packages = {package.label: package for package in [base, *map(ModelPackage.load, args.others)]}
-    rows = score_scans(Path(args.dev), base, packages)
-    names = list(packages)
+    rows = score_scans(Path(args.dev), base, packages, args.teacher, args.th_det)
+    names = list(rows[0]["scores"]) if rows else list(packages)
     for size in range(1, len(names) + 1):
         for combo in itertools.combinations(names, size):
             parts = {m: best_at_one_fp(rows, combo, m) for m in ("swi", "t2s", "qsm")}

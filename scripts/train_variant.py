@@ -6,6 +6,9 @@ teacher and the student with the recipe changed by ``--set``, and calibrates the
 set. Because training is deterministic, ``make model`` with the same changes written into its recipe
 reproduces the variant from scratch; this only saves re-running stage 1 and the mining while choosing.
 ``--retrain-stage1`` trains every network again (for changes to stage 1), reusing only the feature cache.
+``--reuse-teacher`` also copies the finished teacher checkpoint, so only the student trains (for changes to the
+student; the student's initial weights depend only on (seed, stage), so it is the student an uninterrupted
+``make model`` with the same changes would train).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def main() -> int:
                         help="training seed of the teacher and student (stage 1 is reused as trained)")
     parser.add_argument("--retrain-stage1", action="store_true",
                         help="train stage 1 (and mine its candidates) again instead of reusing make model's")
+    parser.add_argument("--reuse-teacher", action="store_true",
+                        help="also reuse make model's finished teacher: train only the student")
     args = parser.parse_args()
     work = Path(args.work)
     config = json.loads(json.dumps(CONFIG))
@@ -56,6 +61,8 @@ def main() -> int:
         shutil.rmtree(variant_work, ignore_errors=True)     # a fresh run, not a resumed older one
     else:
         reuse_stage1(work / "train_work", variant_work)
+        if args.reuse_teacher:
+            shutil.copy2(work / "train_work" / "checkpoints" / "teacher.pt", variant_work / "checkpoints")
     out = work / f"{config['name']}-{args.version}"
     if out.exists():
         shutil.rmtree(out)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from CMBDetectLib import __version__
+from CMBDetectLib.dataset import case_paths
 from CMBDetectLib.device import describe_device, select_device
 from CMBDetectLib.errors import InputError, ModelError
 from CMBDetectLib.features import BASE_CHANNELS, discriminator_channels, feature_settings
@@ -41,6 +42,7 @@ from CMBDetectLib.training.mining import (
     look_alike_items,
     mine_candidates,
 )
+from CMBDetectLib.training.provenance import data_digests, machine_record
 from CMBDetectLib.training.sampling import PatchItem
 from CMBDetectLib.training.stages import (
     score_items,
@@ -181,6 +183,9 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                                 progress=scaled(report, 0.0, 0.1), cancel=is_cancelled)
     if not any(case.n_cmbs for case in cases):
         raise InputError("the training data holds no CMB label; nothing to learn from")
+    digests = data_digests([Path(c.dataset) / case_paths(c.case).image for c in cases], cases)
+    machine = machine_record()
+    log("provenance", data=digests, machine=machine)
     train_ids, validation_ids = _split(cases, settings.validation_fraction, seed, log)
     log("data", cases=len(cases), train=[cases[i].case for i in train_ids],
         validation=[cases[i].case for i in validation_ids], cmbs=sum(c.n_cmbs for c in cases))
@@ -286,6 +291,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                   "validation": [cases[i].case for i in validation_ids]},
         "init_model": base.info() if base is not None else None, "distillation": teacher is not None,
         "config": settings.to_dict(), "stages": results, "device": describe_device(device),
+        "data_sha256": digests, "machine": machine,
         "seconds": round(time.perf_counter() - started, 1), "cmbdetect": __version__,
         "torch": torch.__version__, "python": platform.python_version(),
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
