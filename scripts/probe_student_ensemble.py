@@ -106,7 +106,10 @@ def main() -> int:
     parser.add_argument("--dev", default="build/evaluation_dev/dev")
     args = parser.parse_args()
     base = ModelPackage.load(args.base)
-    packages = {package.label: package for package in [base, *map(ModelPackage.load, args.others)]}
+    packages: dict[str, ModelPackage] = {}
+    for package in [base, *map(ModelPackage.load, args.others)]:
+        # Two packages of the same name and version (e.g. a from-scratch rerun) are told apart by their folder.
+        packages[str(package.path) if package.label in packages else package.label] = package
     rows = score_scans(Path(args.dev), base, packages, args.teacher, args.th_det)
     names = list(rows[0]["scores"]) if rows else list(packages)
     for size in range(1, len(names) + 1):
