@@ -172,11 +172,14 @@ def generate(out: Path, n: int, seed: int, modality: str, in_plane: tuple[float,
     subprocess.run(command, check=True)
 
 
+def _manifest(package: Path) -> dict:
+    return json.loads((package / "model.json").read_text(encoding="utf-8"))
+
+
 def same_weights(a: Path, b: Path) -> bool:
     """Both packages list the same networks with the same weight sha256 (their model.json may differ in dates)."""
     def digests(path: Path) -> dict:
-        networks = json.loads((path / "model.json").read_text(encoding="utf-8"))["networks"]
-        return {role: spec["sha256"] for role, spec in networks.items()}
+        return {role: spec["sha256"] for role, spec in _manifest(path)["networks"].items()}
     return digests(a) == digests(b)
 
 
@@ -186,9 +189,7 @@ def where_runs_part(new: Path, installed: Path) -> list[str]:
     Packages made before 1.7.0's successors record no data digests or machine; then only the networks and the
     training times can be compared.
     """
-    def manifest(path: Path) -> dict:
-        return json.loads((path / "model.json").read_text(encoding="utf-8"))
-    ours, theirs = manifest(new), manifest(installed)
+    ours, theirs = _manifest(new), _manifest(installed)
     lines = []
     our_data, their_data = ours["training"].get("data_sha256"), theirs["training"].get("data_sha256")
     if our_data and their_data:

@@ -44,12 +44,12 @@ def machine_record() -> dict:
             "threads": torch.get_num_threads(), "platform": platform.platform(), "packages": versions}
 
 
-def _file_bytes(path: Path) -> bytes:
-    """A file's content, decompressed when gzipped: the digest then does not depend on the zlib version."""
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "rb") as stream:
-            return stream.read()
-    return path.read_bytes()
+def _update_with_file(digest, path: Path, chunk: int = 1 << 20) -> None:
+    """Feed a file's content to ``digest``, decompressed when gzipped (so the zlib version does not matter),
+    in chunks rather than whole-file reads."""
+    with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
 
 
 def data_digests(image_paths: Sequence[Path], cases: Sequence) -> dict[str, str]:
@@ -59,7 +59,7 @@ def data_digests(image_paths: Sequence[Path], cases: Sequence) -> dict[str, str]
     """
     images, labels, features = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     for path in image_paths:
-        images.update(_file_bytes(Path(path)))
+        _update_with_file(images, Path(path))
     for case in cases:
         for digest in (labels, features):
             digest.update(case.case.encode("utf-8"))
