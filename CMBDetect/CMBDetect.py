@@ -190,8 +190,9 @@ class CMBDetectWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.thresholdTimer.setSingleShot(True)
         self.thresholdTimer.setInterval(30)
         self.thresholdTimer.connect("timeout()", self.applyThresholds)
-        # A Th_Cdet change shows new candidates at once with a one-view student score; their real
-        # (test-time-flipped) score is then computed a few candidates per event-loop turn.
+        # A Th_Cdet change shows new candidates at once with a provisional score (the nesting component's at a
+        # threshold already seen, else one student view); their real (test-time-flipped) score is then computed
+        # a few candidates per event-loop turn.
         self.refineTimer = qt.QTimer()
         self.refineTimer.setInterval(0)
         self.refineTimer.connect("timeout()", self.onRefineScores)

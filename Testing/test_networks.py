@@ -162,3 +162,27 @@ def test_a_vessel_context_teacher_starts_as_stage1_and_can_learn_the_extra_chann
     segmentation.sum().backward()
     gradient = teacher.unet.encoder.projection.weight.grad
     assert gradient[:, 2].abs().sum() > 0                        # ... which training can move
+
+
+def test_batch_norm_folding_keeps_the_outputs_and_refuses_training_mode() -> None:
+    import copy
+
+    from CMBDetectLib.networks.fusion import fuse_batch_norm
+
+    torch.manual_seed(0)
+    for network in (StudentNet(in_channels=3, width=8), ShallowUNet(2, 8, 2)):
+        for module in network.modules():   # trained-looking statistics, not the identity of a fresh norm
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.uniform_(-0.2, 0.2)
+        with pytest.raises(ValueError, match="eval mode"):
+            fuse_batch_norm(copy.deepcopy(network).train())
+        network.eval()
+        fused = fuse_batch_norm(copy.deepcopy(network))
+        assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+        x = torch.randn(2, network.encoder.in_channels, 24, 24, 24)
+        with torch.inference_mode():
+            reference, folded = network(x), fused(x)
+        assert torch.allclose(reference, folded, atol=1e-4), (reference - folded).abs().max()

@@ -139,3 +139,58 @@ def test_json_record_has_the_contract_fields(session_and_result):
     for candidate in record["candidates"]:
         assert {"id", "centroid_ijk", "centroid_ras", "volume_mm3", "p_det", "p_disc", "ellipticity",
                 "edge_distance_mm", "final", "reason"} <= set(candidate)
+
+
+def _crafted_probability(shape) -> np.ndarray:
+    """A stage-1 map whose components change with Th_Cdet: a blob with a faint tail (its centroid moves when
+    the tail drops out) and two cores joined by a faint bridge (one component at 0.3, two at 0.45)."""
+    probability = np.zeros(shape, np.float32)
+    k, j, i = (n // 2 for n in shape)
+    probability[k - 1:k + 2, j - 1:j + 2, i - 1:i + 2] = 0.9
+    probability[k, j, i + 2:i + 9] = 0.35
+    for dj in (8, 14):
+        probability[k - 1:k + 2, j + dj - 1:j + dj + 2, i - 1:i + 2] = 0.8 + 0.01 * dj
+    probability[k, j + 10:j + 13, i] = 0.35
+    return probability
+
+
+def _session_on(tiny_model, phantom_volume, probability, params) -> DetectionSession:
+    session = DetectionSession(tiny_model, device="cpu")
+    session.set_student_flips(True)
+    session.run(phantom_volume.image, "swi", params=params)
+    session.probability = probability           # scores of the phantom's own components must not carry over
+    for cache in (session._extractions, session._scores, session._preview_scores):
+        cache.clear()
+    return session
+
+
+def test_th_det_preview_borrows_the_nested_component_score_without_the_network(tiny_model, phantom_volume):
+    params, higher = DetectionParameters(th_det=0.3, th_disc=0.5), DetectionParameters(th_det=0.45, th_disc=0.5)
+    session = DetectionSession(tiny_model, device="cpu")
+    session.run(phantom_volume.image, "swi", params=params)
+    probability = _crafted_probability(session.probability.shape)
+    session = _session_on(tiny_model, phantom_volume, probability, params)
+    assert len(session.refilter(params).candidates) == 2
+    views = []
+    original = session._score
+
+    def counting(centres, preview=False):
+        views.append((len(centres), preview))
+        return original(centres, preview=preview)
+
+    session._score = counting
+    preview = session.refilter(higher, preview=True)
+    # Every component above 0.45 lies inside one above 0.3: none needs the network while the slider moves ...
+    assert views == [] and len(preview.candidates) == 3 and preview.provisional == 3
+    # ... and a provisional score is the score of the 0.3 component that holds the new component's peak
+    lower, now = session._extractions[0.3], session._extractions[0.45]
+    for candidate, key in zip(now.candidates, now.keys):
+        holder = lower.keys[int(lower.labels[candidate.peak_kji]) - 1]
+        assert session._preview_scores[key] == session._scores[holder]
+    assert session.score_provisional(0.45, limit=8) == 0 and views == [(3, False)]
+    refined = session.refilter(higher)
+    expected = _session_on(tiny_model, phantom_volume, probability, higher).refilter(higher)
+    key = lambda c: c.centroid_ijk  # noqa: E731
+    assert refined.provisional == 0
+    assert [(c.p_disc, c.final) for c in sorted(refined.candidates, key=key)] == \
+        [(c.p_disc, c.final) for c in sorted(expected.candidates, key=key)]

@@ -276,7 +276,7 @@ class ReviewSession:
     def set_parameters(self, parameters, preview: bool = False) -> dict[str, int]:
         """New thresholds / post-processing: re-filter from the cached networks' output and apply in place.
 
-        ``preview`` (while a slider is dragged): new candidates get a quick one-view student score; then call
+        ``preview`` (while a slider is dragged): new candidates get a quick provisional score; then call
         :meth:`refine_scores` until it returns 0 so that they get the model's real score.
         """
         if self.detection_session is None:
@@ -286,7 +286,7 @@ class ReviewSession:
 
     @property
     def provisional(self) -> int:
-        """Candidates shown with a one-view preview score (after ``set_parameters(..., preview=True)``)."""
+        """Candidates shown with a provisional score (after ``set_parameters(..., preview=True)``)."""
         if self.result is None or not getattr(self.result, "provisional", 0):
             return 0
         return self.detection_session.provisional_count(self.result.parameters.th_det)
@@ -555,7 +555,7 @@ class ReviewSession:
     # ================================================================== save / load
     def save(self, directory: str | os.PathLike, case: str | None = None) -> dict[str, Path]:
         """``<case>.seg.nrrd`` + ``<case>_candidates.json`` + ``<case>.review.json`` (written last)."""
-        while self.refine_scores(limit=256):     # never save a one-view preview score
+        while self.refine_scores(limit=256):     # never save a provisional score
             pass
         self.sync_from_scene()
         case = case or self.review.case
