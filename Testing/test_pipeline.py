@@ -194,3 +194,19 @@ def test_th_det_preview_borrows_the_nested_component_score_without_the_network(t
     assert refined.provisional == 0
     assert [(c.p_disc, c.final) for c in sorted(refined.candidates, key=key)] == \
         [(c.p_disc, c.final) for c in sorted(expected.candidates, key=key)]
+
+
+def test_th_det_cache_is_bounded_and_an_evicted_threshold_comes_back_the_same(session_and_result, monkeypatch):
+    from CMBDetectLib.pipeline import MAX_CACHED_THRESHOLDS
+
+    session, _ = session_and_result
+    first = session.refilter(DetectionParameters(th_det=0.31, th_disc=0.0))
+    for step in range(MAX_CACHED_THRESHOLDS + 4):      # a slider dragged over many 0.01 steps
+        session.refilter(DetectionParameters(th_det=0.4 + 0.01 * step, th_disc=0.0))
+    assert len(session._extractions) == MAX_CACHED_THRESHOLDS and 0.31 not in session._extractions
+    calls = _count_calls(monkeypatch, session)
+    again = session.refilter(DetectionParameters(th_det=0.31, th_disc=0.0))
+    assert calls["student"] == 0                        # its scores are still known
+    assert [(c.id, c.p_disc, c.final) for c in again.candidates] == \
+        [(c.id, c.p_disc, c.final) for c in first.candidates]
+    assert np.array_equal(again.candidate_labels.array, first.candidate_labels.array)

@@ -15,6 +15,7 @@ is the model's real score.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ CANDIDATES_SCHEMA = "cmbdetect.candidates/1"
 REASONS = ("discrimination", "volume", "ellipticity", "edge_distance")
 # Previewed candidates given their real score per GUI event-loop turn (8 x 8 views: ~0.1 s on a laptop CPU).
 REFINE_CHUNK = 8
+MAX_CACHED_THRESHOLDS = 8   # Th_Cdet values whose components stay cached (a revisited evicted one: ~0.2 s, no network)
 
 
 @dataclass
@@ -206,7 +208,9 @@ class DetectionSession:
         self._scores: dict[tuple[int, int, int], float] = {}
         self._preview_scores: dict[tuple[int, int, int], float] = {}   # one-view scores awaiting the real one
         self._ids: dict[tuple[int, int, int], int] = {}
-        self._extractions: dict[float, _Extraction] = {}
+        # Least recently used out first: each holds a working-grid and an input-grid label map (~110 MB on a
+        # 512x512x150 scan), and a slider with 0.01 steps would otherwise keep up to 99 of them.
+        self._extractions: OrderedDict[float, _Extraction] = OrderedDict()
         self._student = None
         self._student_device = "cpu"      # the stage-1 device once run() chose one (a loaded session: CPU)
         self._input_reference: Volume | None = None
@@ -327,7 +331,9 @@ class DetectionSession:
     def _extraction(self, th_det: float, preview: bool = False) -> _Extraction:
         key = round(float(th_det), 6)
         extraction = self._extractions.get(key)
-        if extraction is None:
+        if extraction is not None:
+            self._extractions.move_to_end(key)
+        else:
             labels, candidates = extract_candidates(self.probability, th_det, self.features.spacing_zyx)
             keys = [tuple(int(round(v)) for v in c.centroid_kji) for c in candidates]
             ids = np.array([self._stable_id(tuple(int(v) for v in c.peak_kji)) for c in candidates],
@@ -335,6 +341,8 @@ class DetectionSession:
             extraction = _Extraction(labels, candidates, ids, keys, np.zeros(len(candidates)),
                                      np.zeros(len(candidates)), [None] * len(candidates))
             self._extractions[key] = extraction
+            while len(self._extractions) > MAX_CACHED_THRESHOLDS:
+                self._extractions.popitem(last=False)
         missing = self._unscored(extraction)
         if preview and self.student_flips:
             self._preview_from_cached(key, extraction, set(missing))
