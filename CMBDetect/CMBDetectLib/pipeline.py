@@ -206,7 +206,7 @@ class DetectionSession:
         self.device_used: str | None = None
         self._edge_distance: np.ndarray | None = None
         self._scores: dict[tuple[int, int, int], float] = {}
-        self._preview_scores: dict[tuple[int, int, int], float] = {}   # one-view scores awaiting the real one
+        self._preview_scores: dict[tuple[int, int, int], float] = {}   # provisional scores awaiting the real one
         self._ids: dict[tuple[int, int, int], int] = {}
         # Least recently used out first: each holds a working-grid and an input-grid label map (~110 MB on a
         # 512x512x150 scan), and a slider with 0.01 steps would otherwise keep up to 99 of them.
