@@ -29,6 +29,19 @@ def _count_calls(monkeypatch, session):
     return calls
 
 
+def _record_views(session) -> list[tuple[int, bool]]:
+    """Wrap ``session._score``: each call is recorded as (number of centres, preview)."""
+    views = []
+    original = session._score
+
+    def recording(centres, preview=False):
+        views.append((len(centres), preview))
+        return original(centres, preview=preview)
+
+    session._score = recording
+    return views
+
+
 def test_labels_are_on_the_input_grid(session_and_result, phantom_volume):
     _, result = session_and_result
     assert result.candidate_labels.same_grid(phantom_volume.image)
@@ -76,14 +89,7 @@ def test_th_det_preview_scores_new_candidates_once_then_refines_to_the_real_scor
     session = DetectionSession(tiny_model, device="cpu")
     session.run(phantom_volume.image, "swi", params=params)
     session.set_student_flips(True)           # forgets every score: all candidates are new again
-    views = []
-    original = session._score
-
-    def counting(centres, preview=False):
-        views.append((len(centres), preview))
-        return original(centres, preview=preview)
-
-    session._score = counting
+    views = _record_views(session)
     preview = session.refilter(params, preview=True)
     n = len(expected.candidates)
     assert preview.provisional == n == session.provisional_count(0.3) and views == [(n, True)]
@@ -154,31 +160,22 @@ def _crafted_probability(shape) -> np.ndarray:
     return probability
 
 
-def _session_on(tiny_model, phantom_volume, probability, params) -> DetectionSession:
+def _crafted_session(tiny_model, phantom_volume, params) -> DetectionSession:
+    """A session on the phantom whose stage-1 map is replaced by ``_crafted_probability``."""
     session = DetectionSession(tiny_model, device="cpu")
     session.set_student_flips(True)
     session.run(phantom_volume.image, "swi", params=params)
-    session.probability = probability           # scores of the phantom's own components must not carry over
-    for cache in (session._extractions, session._scores, session._preview_scores):
+    session.probability = _crafted_probability(session.probability.shape)
+    for cache in (session._extractions, session._scores, session._preview_scores):   # the phantom's own
         cache.clear()
     return session
 
 
 def test_th_det_preview_borrows_the_nested_component_score_without_the_network(tiny_model, phantom_volume):
     params, higher = DetectionParameters(th_det=0.3, th_disc=0.5), DetectionParameters(th_det=0.45, th_disc=0.5)
-    session = DetectionSession(tiny_model, device="cpu")
-    session.run(phantom_volume.image, "swi", params=params)
-    probability = _crafted_probability(session.probability.shape)
-    session = _session_on(tiny_model, phantom_volume, probability, params)
+    session = _crafted_session(tiny_model, phantom_volume, params)
     assert len(session.refilter(params).candidates) == 2
-    views = []
-    original = session._score
-
-    def counting(centres, preview=False):
-        views.append((len(centres), preview))
-        return original(centres, preview=preview)
-
-    session._score = counting
+    views = _record_views(session)
     preview = session.refilter(higher, preview=True)
     # Every component above 0.45 lies inside one above 0.3: none needs the network while the slider moves ...
     assert views == [] and len(preview.candidates) == 3 and preview.provisional == 3
@@ -189,7 +186,7 @@ def test_th_det_preview_borrows_the_nested_component_score_without_the_network(t
         assert session._preview_scores[key] == session._scores[holder]
     assert session.score_provisional(0.45, limit=8) == 0 and views == [(3, False)]
     refined = session.refilter(higher)
-    expected = _session_on(tiny_model, phantom_volume, probability, higher).refilter(higher)
+    expected = _crafted_session(tiny_model, phantom_volume, higher).refilter(higher)
     key = lambda c: c.centroid_ijk  # noqa: E731
     assert refined.provisional == 0
     assert [(c.p_disc, c.final) for c in sorted(refined.candidates, key=key)] == \

@@ -369,7 +369,7 @@ class DetectionSession:
                 continue
             for other_key in others:
                 other = self._extractions[other_key]
-                label = int(other.labels[tuple(int(v) for v in candidate.peak_kji)])
+                label = int(other.labels[candidate.peak_kji])
                 if label == 0:
                     continue
                 other_score_key = other.keys[label - 1]
