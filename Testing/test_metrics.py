@@ -9,6 +9,7 @@ import pytest
 
 from CMBDetectLib.metrics import (
     Counts,
+    bootstrap_intervals,
     clusterwise_counts,
     froc_curve,
     froc_score,
@@ -142,3 +143,30 @@ def test_plot_froc_writes_a_png(tmp_path):
                      operating_points={"th = 0.5": (1.0, 1.0)})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(path.parent.iterdir()) == [path]
+
+
+def test_bootstrap_intervals_match_an_enumeration_of_the_resamples() -> None:
+    # Two scans, one CMB each, one found: a resample holds the found one twice (TPR 1, 1/4 of draws), both
+    # (0.5, 1/2) or the missed one twice (0, 1/4); its false positives are 0, 2 or 4 per scan likewise.
+    scans = [Counts(tp=1, fp=0, fn=0), Counts(tp=0, fp=4, fn=1)]
+    intervals = bootstrap_intervals(scans, level=0.95, n_resamples=20000, seed=1)
+    assert intervals["tpr"] == (0.0, 1.0) and intervals["fp_avg"] == (0.0, 4.0)
+    # At 40 % the interval is the central 30-70 % band: only the mixed draws.
+    assert bootstrap_intervals(scans, level=0.4, n_resamples=20000, seed=1) == {"tpr": (0.5, 0.5),
+                                                                                 "fp_avg": (2.0, 2.0)}
+
+
+def test_bootstrap_intervals_shrink_with_more_scans_and_hold_the_estimate() -> None:
+    rng = np.random.default_rng(0)
+    scans = [Counts(tp=int(t), fp=int(f), fn=int(n)) for t, f, n in
+             zip(rng.integers(0, 6, 200), rng.integers(0, 4, 200), rng.integers(0, 3, 200))]
+    point = summarise(scans)
+    wide, narrow = bootstrap_intervals(scans[:20]), bootstrap_intervals(scans)
+    assert narrow["tpr"][0] <= point["tpr"] <= narrow["tpr"][1]
+    assert narrow["fp_avg"][0] <= point["fp_avg"] <= narrow["fp_avg"][1]
+    assert narrow["tpr"][1] - narrow["tpr"][0] < wide["tpr"][1] - wide["tpr"][0]
+    assert narrow["fp_avg"][1] - narrow["fp_avg"][0] < wide["fp_avg"][1] - wide["fp_avg"][0]
+    assert bootstrap_intervals(scans[:20]) == wide                      # deterministic
+    identical = bootstrap_intervals([Counts(2, 1, 2)] * 5)
+    assert identical == {"tpr": (0.5, 0.5), "fp_avg": (1.0, 1.0)}
+    assert all(math.isnan(v) for v in bootstrap_intervals([Counts(0, 3, 0)])["tpr"])   # no CMB: no TPR

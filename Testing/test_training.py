@@ -284,6 +284,48 @@ def test_a_run_resumed_after_stage1_trains_the_same_teacher_and_student(dataset:
     assert resumed.manifest["training"]["data_sha256"] == full.manifest["training"]["data_sha256"]
 
 
+def test_stage2_only_scans_train_the_teacher_and_student_but_not_stage1(dataset: Path, cache: Path,
+                                                                         tmp_path: Path) -> None:
+    extra = write_dataset(tmp_path / "Dataset002_Extra", n_cases=2, seed=7, prefix="extra")
+    plain = train_model([dataset], tmp_path / "plain", tiny_config(cache), seed=3)
+    both = train_model([dataset], tmp_path / "both", tiny_config(cache), seed=3, stage2_dataset_dirs=[extra])
+    training = both.manifest["training"]
+    assert training["cases"]["stage2_only"] == ["extra000", "extra001"]
+    assert training["cases"]["train"] == plain.manifest["training"]["cases"]["train"]
+    assert training["cases"]["validation"] == plain.manifest["training"]["cases"]["validation"]
+    detection = both.manifest["metrics"]["candidate_detection"]
+    assert detection["stage2_only"]["scans"] == 2 and detection["stage2_only"]["cmbs"] == 6
+    assert detection["train"] == plain.manifest["metrics"]["candidate_detection"]["train"]
+    # Stage 1 is the same network as without the extra scans; the teacher and the student learnt from them.
+    networks, plain_networks = both.manifest["networks"], plain.manifest["networks"]
+    assert networks["stage1"]["sha256"] == plain_networks["stage1"]["sha256"]
+    assert networks["teacher"]["sha256"] != plain_networks["teacher"]["sha256"]
+    assert networks["student"]["sha256"] != plain_networks["student"]["sha256"]
+    data = [r for r in read_log(tmp_path / "both.work" / "train_log.jsonl") if r["event"] == "data"][-1]
+    assert data["stage2_only"] == ["extra000", "extra001"]
+
+    with pytest.raises(InputError, match="repeats cases of the training data"):
+        train_model([dataset], tmp_path / "same", tiny_config(cache), stage2_dataset_dirs=[dataset])
+    assert not (tmp_path / "same").exists()
+
+
+def test_train_command_takes_stage2_only_scans(dataset: Path, cache: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    from CMBDetectLib.cli import main
+    from CMBDetectLib.model_package import ModelPackage
+
+    extra = write_dataset(tmp_path / "Dataset003_Extra", n_cases=1, seed=9, prefix="more")
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(tiny_config(cache)))
+    assert main(["train", "--dataset", str(dataset), "--stage2-dataset", str(extra), "--out", str(tmp_path / "m"),
+                 "--config", str(config_file), "--progress", "none"]) == 0
+    assert ModelPackage.load(tmp_path / "m").manifest["training"]["cases"]["stage2_only"] == ["more000"]
+    # The registered retraining (--init without --out) has no stage-2-only data: refused, not ignored.
+    assert main(["train", "--init", str(tmp_path / "m"), "--dataset", str(dataset), "--stage2-dataset",
+                 str(extra)]) == 2
+    assert "--stage2-dataset needs --out" in capsys.readouterr().err
+
+
 def test_train_command_no_kd_ablation(dataset: Path, cache: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:
     from CMBDetectLib.cli import main

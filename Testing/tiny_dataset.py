@@ -53,13 +53,13 @@ def make_case(rng: np.random.Generator, n_cmbs: int) -> tuple[np.ndarray, np.nda
     return image.astype(np.float32), instances, centres, mimics
 
 
-def write_dataset(root: Path, n_cases: int = 4, seed: int = 0, cmbs_per_case: int = 3) -> Path:
+def write_dataset(root: Path, n_cases: int = 4, seed: int = 0, cmbs_per_case: int = 3, prefix: str = "case") -> Path:
     rng = np.random.default_rng(seed)
     for folder in ("imagesTr", "labelsTr", "cmbdetect/instances", "cmbdetect/reviews"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     names = []
     for index in range(n_cases):
-        name = f"case{index:03d}"
+        name = f"{prefix}{index:03d}"
         names.append(name)
         image, instances, centres, mimics = make_case(rng, cmbs_per_case)
         origin = (-20.0 + index, -20.0, -18.0)

@@ -134,6 +134,10 @@ CONFIG = {
     # Adopting vessel_context needs a student lr that every seed trains with (at 1e-3, 4 students never learned:
     # two CE-only ablations and both seed-1000 vessel_context students; at 3e-4 the seed-1000 vessel_context and
     # CE-only students both train).
+    # Tried after 1.7.0 and NOT shipped: the teacher and the student also trained on 108 scans stage 1 never saw
+    # (train_model(stage2_dataset_dirs=...), cases 108-215 of this seed; 1.7.0's stage 1 kept): student best
+    # validation loss 0.29 (1.7.0: 0.33), development set 220 of 271 CMBs with 60 FP (1.7.0: 222 with 63), i.e. no
+    # gain (docs/model_history.md).
     "stage1": {"epochs": 8, "steps_per_epoch": 200, "max_minutes": 45.0, "patience": 3},
     "teacher": {"epochs": 6, "steps_per_epoch": 100, "max_minutes": 25.0, "patience": 3,
                 "augmentation": {"flip_probability": 0.5}},

@@ -107,6 +107,35 @@ def summarise(counts_list: Iterable[Counts]) -> dict:
             "tp": total.tp, "fp": total.fp, "fn": total.fn, "tp_pred": total.tp_pred, "n_scans": n_scans}
 
 
+def bootstrap_intervals(counts_list: Iterable[Counts], level: float = 0.95, n_resamples: int = 4000,
+                        seed: int = 0) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of the pooled ``tpr`` and ``fp_avg`` over scans drawn with replacement.
+
+    The scan is the unit that varies from one test set to the next (its CMBs and mimics come together),
+    so this says how far another set of as many scans could land. Deterministic for a given ``seed``.
+    """
+    counts_list = list(counts_list)
+    if not counts_list:
+        return {"tpr": (math.nan, math.nan), "fp_avg": (math.nan, math.nan)}
+    tp = np.array([c.tp for c in counts_list], dtype=float)
+    cmbs = np.array([c.tp + c.fn for c in counts_list], dtype=float)
+    fp = np.array([c.fp for c in counts_list], dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(counts_list), size=(n_resamples, len(counts_list)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = tp[draws].sum(axis=1) / cmbs[draws].sum(axis=1)
+    fp_avg = fp[draws].sum(axis=1) / len(counts_list)
+    tails = 100.0 * np.array([(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+
+    def interval(values: np.ndarray) -> tuple[float, float]:
+        values = values[np.isfinite(values)]     # a draw without any CMB has no TPR
+        if not len(values):
+            return (math.nan, math.nan)
+        low, high = np.percentile(values, tails)
+        return (float(low), float(high))
+
+    return {"tpr": interval(tpr), "fp_avg": interval(fp_avg)}
+
+
 def centres_of_mass_mm(label_map: np.ndarray, spacing_zyx: Sequence[float],
                        use_instances: bool = False) -> np.ndarray:
     """Centres of mass (N x 3, mm, array axis order) of the clusters of a label map."""

@@ -23,6 +23,9 @@ _TIME_SHARE = {"stage1": 0.55, "teacher": 0.25, "student": 0.20}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", nargs="+", required=True, metavar="DIR",
                         help="dataset folder(s) in the exported layout (imagesTr, labelsTr, cmbdetect/...)")
+    parser.add_argument("--stage2-dataset", nargs="+", default=[], metavar="DIR",
+                        help="more dataset folder(s) that train only the teacher and the student (stage 1 "
+                             "never sees them, so its candidates there are like those on a new scan)")
     parser.add_argument("--out", metavar="DIR",
                         help="new model folder (default: <user models folder>/<name>-<version>)")
     parser.add_argument("--init", metavar="MODEL",
@@ -100,6 +103,10 @@ class _CancelOnSigterm:
 
 def run(args: argparse.Namespace) -> int:
     if args.init and not args.out:
+        if args.stage2_dataset:
+            print("cmbdetect train: --stage2-dataset needs --out (the registered retraining uses --dataset only)",
+                  file=sys.stderr)
+            return 2
         return _fine_tune_and_register(args)
     return _train(args)
 
@@ -140,7 +147,7 @@ def _train(args: argparse.Namespace) -> int:
         with _CancelOnSigterm() as cancel:
             package = train_model(args.dataset, out, settings, seed=args.seed, progress=progress,
                                   cancel=cancel, init_model=args.init, resume=args.resume,
-                                  work_dir=args.work_dir)
+                                  work_dir=args.work_dir, stage2_dataset_dirs=args.stage2_dataset)
     except CancelledError:
         print(f"cmbdetect train: cancelled; continue with the same command and --resume (--out {out})",
               file=sys.stderr)

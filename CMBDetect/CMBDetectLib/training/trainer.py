@@ -120,8 +120,14 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                 config: TrainingConfig | dict | None = None, seed: int = 0,
                 progress: ProgressCallback | None = None, cancel=None,
                 init_model: str | os.PathLike | None = None, resume: bool = False,
-                work_dir: str | os.PathLike | None = None):
+                work_dir: str | os.PathLike | None = None,
+                stage2_dataset_dirs: Sequence[str | os.PathLike] = ()):
     """Train stage 1, the teacher and the student on ``dataset_dirs`` and save a model package.
+
+    ``stage2_dataset_dirs``: more scans that train only the teacher and the student. Stage 1 never sees
+    them, so its candidates there are the ones it makes on a new scan (on its own training scans it makes
+    fewer false candidates), and stage 2 gets more candidates than the stage-1 scans alone give. Stage 2
+    still validates on the held-out subjects of ``dataset_dirs``.
 
     ``init_model`` (a package name or folder) fine-tunes an existing model instead: its architecture
     and preprocessing are kept, stage 1 and the student are trained for ``finetune_step_fraction`` of
@@ -180,15 +186,27 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         torch=torch.__version__)
 
     cases = load_training_cases(dataset_dirs, preprocessing, cache_dir=settings.cache_dir,
-                                progress=scaled(report, 0.0, 0.1), cancel=is_cancelled)
+                                progress=scaled(report, 0.0, 0.08 if stage2_dataset_dirs else 0.1),
+                                cancel=is_cancelled)
     if not any(case.n_cmbs for case in cases):
         raise InputError("the training data holds no CMB label; nothing to learn from")
+    stage2_only = load_training_cases(stage2_dataset_dirs, preprocessing, cache_dir=settings.cache_dir,
+                                      progress=scaled(report, 0.08, 0.1), cancel=is_cancelled) \
+        if stage2_dataset_dirs else []
+    repeated = sorted({c.case for c in cases} & {c.case for c in stage2_only})
+    if repeated:
+        # The same scan on both sides would let stage 1's training scans in as "unseen" ones.
+        raise InputError(f"the stage-2 data repeats cases of the training data ({', '.join(repeated[:5])}); "
+                         "give stage 2 other scans")
+    train_ids, validation_ids = _split(cases, settings.validation_fraction, seed, log)
+    stage2_ids = list(range(len(cases), len(cases) + len(stage2_only)))
+    cases = cases + stage2_only
     digests = data_digests([Path(c.dataset) / case_paths(c.case).image for c in cases], cases)
     machine = machine_record()
     log("provenance", data=digests, machine=machine)
-    train_ids, validation_ids = _split(cases, settings.validation_fraction, seed, log)
     log("data", cases=len(cases), train=[cases[i].case for i in train_ids],
-        validation=[cases[i].case for i in validation_ids], cmbs=sum(c.n_cmbs for c in cases))
+        validation=[cases[i].case for i in validation_ids], stage2_only=[cases[i].case for i in stage2_ids],
+        cmbs=sum(c.n_cmbs for c in cases))
     checkpoints = work / "checkpoints"
     stage2_channels = discriminator_channels(settings.vessel_context)
 
@@ -208,6 +226,9 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     candidates = [item for result in mined for item in result.items]
     detection_metrics = {"train": candidate_summary([mined[i] for i in train_ids]),
                          "validation": candidate_summary([mined[i] for i in validation_ids])}
+    if stage2_ids:
+        detection_metrics["stage2_only"] = candidate_summary([mined[i] for i in stage2_ids])
+    stage2_train_ids = train_ids + stage2_ids
     log("candidates", **detection_metrics)
 
     # ---- teacher
@@ -223,7 +244,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
                                  arm_channels=settings.teacher_arm_channels, fc=settings.teacher_fc)
             teacher.load_stage1(stage1.state_dict())
             teacher_result = train_teacher_stage(
-                teacher, cases, train_ids, validation_ids, candidates, settings, seed=seed, device=device,
+                teacher, cases, stage2_train_ids, validation_ids, candidates, settings, seed=seed, device=device,
                 checkpoint=checkpoints / "teacher.pt", log=log, progress=scaled(report, 0.5, 0.75),
                 cancel=is_cancelled)
     if is_cancelled():
@@ -232,13 +253,13 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         raise CancelledError("training cancelled")
 
     # ---- student on candidate-centred patches
-    train_set, validation_set = set(train_ids), set(validation_ids)
-    train_items = [i for i in candidates if i.case in train_set] + hard_negative_items(cases, train_ids)
+    train_set, validation_set = set(stage2_train_ids), set(validation_ids)
+    train_items = [i for i in candidates if i.case in train_set] + hard_negative_items(cases, stage2_train_ids)
     if settings.student_add_ground_truth:
-        train_items += ground_truth_items(cases, train_ids)
+        train_items += ground_truth_items(cases, stage2_train_ids)
     shortfall = sum(i.label == 1 for i in train_items) - sum(i.label == 0 for i in train_items)
     if shortfall > 0:
-        extra = look_alike_items(cases, train_ids, shortfall, np.random.default_rng([seed, 401]))
+        extra = look_alike_items(cases, stage2_train_ids, shortfall, np.random.default_rng([seed, 401]))
         train_items += extra
         log("student_negatives_added", count=len(extra), reason="fewer negative candidates than positives")
     validation_items = [i for i in candidates if i.case in validation_set]
@@ -287,8 +308,10 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         results["teacher"] = teacher_result.summary()
     training = {
         "seed": seed, "datasets": [str(Path(d).resolve()) for d in dataset_dirs],
+        "stage2_datasets": [str(Path(d).resolve()) for d in stage2_dataset_dirs],
         "cases": {"train": [cases[i].case for i in train_ids],
-                  "validation": [cases[i].case for i in validation_ids]},
+                  "validation": [cases[i].case for i in validation_ids],
+                  "stage2_only": [cases[i].case for i in stage2_ids]},
         "init_model": base.info() if base is not None else None, "distillation": teacher is not None,
         "config": settings.to_dict(), "stages": results, "device": describe_device(device),
         "data_sha256": digests, "machine": machine,
