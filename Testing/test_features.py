@@ -173,3 +173,20 @@ def test_bad_inputs_raise_input_error():
         compute_features(volume, "swi", mask=wrong)
     with pytest.raises(InputError, match="empty"):
         compute_features(volume, "swi", mask=volume.with_array(np.zeros(brain.shape, np.uint8)))
+
+
+def test_a_per_modality_brain_mask_uses_the_method_named_for_the_scans_modality():
+    volume, _, _, _ = _phantom()
+    # a dark notch into one side of the brain (SWI's phase mask darkens regions next to air and bone like this)
+    array = volume.array.copy()
+    array[:, 30:42, 50:] = np.minimum(array[:, 30:42, 50:], 120.0)
+    volume = volume.with_array(array)
+    per_modality = {"swi": "otsu-hull", "t2s": "otsu", "qsm": "otsu"}
+    settings = {"vessel_suppression": False, "crop": False}
+    swi = compute_features(volume, "swi", brain_mask=per_modality, **settings).brain_mask
+    t2s = compute_features(volume, "t2s", brain_mask=per_modality, **settings).brain_mask
+    assert np.array_equal(swi, compute_features(volume, "swi", brain_mask="otsu-hull", **settings).brain_mask)
+    assert np.array_equal(t2s, compute_features(volume, "t2s", brain_mask="otsu", **settings).brain_mask)
+    assert swi.sum() > t2s.sum()                   # the hull restored the notch on SWI only
+    with pytest.raises(ValueError, match="names no method for qsm"):
+        compute_features(volume, "swi", brain_mask={"swi": "otsu", "t2s": "otsu"}, **settings)

@@ -291,3 +291,38 @@ def test_sparse_label_mapping_equals_the_full_resample(name, spacing, monkeypatc
     assert empty.shape == full.shape and not empty.any()
     with pytest.raises(ValueError, match="values must map"):
         grid.sparse_labels_to_input(labels, values=ids[:5])
+
+
+def test_slice_hull_restores_a_dark_band_of_brain():
+    """SWI's phase mask darkens whole regions next to air and bone; "otsu" cuts them, "otsu-hull" keeps them."""
+    spacing = (2.0, 0.8, 0.8)
+    image, brain = _head(shape=(40, 80, 72), spacing=spacing)
+    grids = np.meshgrid(*[np.arange(n) * s for n, s in zip(image.shape, spacing)], indexing="ij")
+    # a dark notch 11 mm deep and 16 mm wide into one side of the brain (the outline stays convex without it)
+    columns = np.argwhere(brain)[:, 2]
+    middle = image.shape[1] / 2 * spacing[1]
+    band = brain & (grids[2] >= (columns.max() - 14) * spacing[2]) & (np.abs(grids[1] - middle) <= 8.0)
+    image[band] = 60.0 + np.abs(np.random.default_rng(2).normal(0, 15, band.sum()))
+    otsu = estimate_brain_mask(image, spacing, method="otsu")
+    hull = estimate_brain_mask(image, spacing, method="otsu-hull")
+    assert otsu[band].mean() < 0.3                          # the threshold cut the dark band out
+    assert hull[band].mean() > 0.5 and hull[brain].mean() > otsu[brain].mean()   # all but the rim beyond the chord
+    dice = 2 * (hull & brain).sum() / (hull.sum() + brain.sum())
+    assert dice > 0.9                                       # and the hull does not reach the scalp
+    # a skull-stripped image keeps its support: the hull is only for skull-on images
+    stripped, stripped_brain = _head(skull=False)
+    assert np.array_equal(estimate_brain_mask(stripped, (3.0, 0.8, 0.8), method="otsu-hull"),
+                          estimate_brain_mask(stripped, (3.0, 0.8, 0.8), method="otsu"))
+
+
+def test_brain_mask_method_per_modality():
+    from CMBDetectLib.preprocessing import brain_mask_method
+
+    per_modality = {"swi": "otsu-hull", "t2s": "otsu", "qsm": "otsu"}
+    assert brain_mask_method("otsu-closed", "qsm") == "otsu-closed"
+    assert brain_mask_method(per_modality, "swi") == "otsu-hull"
+    assert brain_mask_method(per_modality, "t2s") == "otsu"
+    with pytest.raises(ValueError, match="names no method for qsm"):
+        brain_mask_method({"swi": "otsu-hull", "t2s": "otsu"}, "swi")
+    with pytest.raises(ValueError, match="brain mask method"):
+        brain_mask_method({**per_modality, "swi": "bet"}, "swi")

@@ -437,6 +437,25 @@ def test_training_config_round_trips_and_rejects_unknown_options() -> None:
         TrainingConfig.from_dict({"qsm_scaling": "log"})
     with pytest.raises(ValueError, match="unknown stage option"):
         TrainingConfig.from_dict({"student": {"steps": 8}})
+    per_modality = {"swi": "otsu-hull", "t2s": "otsu", "qsm": "otsu"}
+    assert TrainingConfig.from_dict({"brain_mask": per_modality}).brain_mask == per_modality
+    with pytest.raises(ValueError, match="names no method for t2s"):
+        TrainingConfig.from_dict({"brain_mask": {"swi": "otsu-hull", "qsm": "otsu"}})
+    with pytest.raises(ValueError, match="brain mask method"):
+        TrainingConfig.from_dict({"brain_mask": "bet"})
+
+
+def test_a_per_modality_brain_mask_shares_the_cache_of_its_one_method() -> None:
+    from CMBDetectLib.training.data import feature_cache_key
+
+    settings = {"working_spacing_mm": 0.8, "vessel_suppression": True}
+    per_modality = {**settings, "brain_mask": {"swi": "otsu-hull", "t2s": "otsu", "qsm": "otsu"}}
+    assert feature_cache_key("abc", "t2s", per_modality) == feature_cache_key("abc", "t2s",
+                                                                             {**settings, "brain_mask": "otsu"})
+    assert feature_cache_key("abc", "swi", per_modality) == \
+        feature_cache_key("abc", "swi", {**settings, "brain_mask": "otsu-hull"})
+    assert feature_cache_key("abc", "swi", per_modality) != feature_cache_key("abc", "swi",
+                                                                             {**settings, "brain_mask": "otsu"})
 
 
 def test_validation_metrics_are_cluster_wise_and_pick_the_best_threshold() -> None:

@@ -14,6 +14,7 @@ it, a vein bend or junction that survives suppression as a round remnant looks l
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +23,9 @@ import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
 from CMBDetectLib.errors import InputError
 from CMBDetectLib.frst import frst_3d
 from CMBDetectLib.preprocessing import (
-    BRAIN_MASK_METHODS,
     QSM_SCALINGS,
     ScanGrid,
+    brain_mask_method,
     estimate_brain_mask,
     n4_bias_correct,
     normalise_intensity,
@@ -81,6 +82,10 @@ def _crop_box(mask: np.ndarray, spacing_zyx, margin_mm: float) -> tuple[np.ndarr
     return np.maximum(start - margin, 0), np.minimum(stop + margin, shape)
 
 
+def _brain_mask_setting(value) -> str | dict[str, str]:
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else str(value)
+
+
 def feature_settings(preprocessing: dict) -> dict:
     """``compute_features`` keyword arguments from a model's ``preprocessing`` record (model.json).
 
@@ -89,7 +94,7 @@ def feature_settings(preprocessing: dict) -> dict:
     return {"working_spacing_mm": float(preprocessing.get("working_spacing_mm", 0.8)),
             "vessel_suppression": bool(preprocessing.get("vessel_suppression", True)),
             "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING)),
-            "brain_mask": str(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK)),
+            "brain_mask": _brain_mask_setting(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK)),
             "vessel_context": bool(preprocessing.get("vessel_context", LEGACY_VESSEL_CONTEXT))}
 
 
@@ -101,13 +106,14 @@ def discriminator_channels(vessel_context: bool) -> int:
 def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
                      working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
                      progress: ProgressCallback | None = None, crop: bool = True,
-                     qsm_scaling: str = "compress", brain_mask: str = "otsu",
+                     qsm_scaling: str = "compress", brain_mask: str | Mapping[str, str] = "otsu",
                      vessel_context: bool = False) -> ScanFeatures:
     """Preprocess ``volume`` into the network input (see module docstring).
 
     ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.
     ``crop``: restrict the working grid to the brain bounding box (+6 mm); ``grid`` maps back either way.
-    ``brain_mask``: how the mask is estimated when none is given (``preprocessing.BRAIN_MASK_METHODS``).
+    ``brain_mask``: how the mask is estimated when none is given (``preprocessing.BRAIN_MASK_METHODS``), one
+    method or one per modality (``preprocessing.brain_mask_method``).
     ``vessel_context``: add the image before vessel suppression as a third channel (needs suppression).
     """
     report = progress or no_progress
@@ -123,11 +129,10 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     report(0.0, "Checking the image")
     if qsm_scaling not in QSM_SCALINGS:
         raise ValueError(f"qsm_scaling must be one of {QSM_SCALINGS}, not {qsm_scaling!r}")
-    if brain_mask not in BRAIN_MASK_METHODS:
-        raise ValueError(f"brain_mask must be one of {BRAIN_MASK_METHODS}, not {brain_mask!r}")
     if vessel_context and not vessel_suppression:
         raise ValueError("vessel_context adds the image before vessel suppression: it needs vessel_suppression")
     modality = normalise_modality(modality)
+    mask_method = brain_mask_method(brain_mask, modality)
     validate_image(volume)
     mask_bool = validate_mask(mask, volume) if mask is not None else None
     image = volume_to_sitk(volume.with_array(np.asarray(volume.array, dtype=np.float32)))
@@ -145,7 +150,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     else:
         lap("resample")
         report(0.15, "Estimating the brain mask")
-        brain = estimate_brain_mask(array, spacing, method=brain_mask)
+        brain = estimate_brain_mask(array, spacing, method=mask_method)
     lap("brain_mask" if mask_bool is None else "resample")
 
     if crop:

@@ -94,7 +94,7 @@ class TrainingConfig:
     working_spacing_mm: float = 0.8
     vessel_suppression: bool = True
     qsm_scaling: str = "compress"             # preprocessing.QSM_SCALINGS ("clip": packages up to 1.4.0)
-    brain_mask: str = "otsu"                  # preprocessing.BRAIN_MASK_METHODS (the bundled models': "otsu")
+    brain_mask: str | dict[str, str] = "otsu"  # preprocessing.BRAIN_MASK_METHODS, or one per modality
     vessel_context: bool = False              # teacher + student also see the image before vessel suppression
     overlap: float = 0.25
     evidence_threshold: float = 0.05
@@ -142,11 +142,15 @@ class TrainingConfig:
         for key in ("teacher_fc", "student_fc"):
             if key in values:
                 values[key] = tuple(values[key])
-        from CMBDetectLib.preprocessing import BRAIN_MASK_METHODS, QSM_SCALINGS
+        from CMBDetectLib.preprocessing import QSM_SCALINGS, brain_mask_method
 
-        for key, allowed in (("qsm_scaling", QSM_SCALINGS), ("brain_mask", BRAIN_MASK_METHODS)):
-            if values.get(key, getattr(config, key)) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, not {values[key]!r}")
+        if values.get("qsm_scaling", config.qsm_scaling) not in QSM_SCALINGS:
+            raise ValueError(f"qsm_scaling must be one of {', '.join(QSM_SCALINGS)}, not {values['qsm_scaling']!r}")
+        mask = values.get("brain_mask", config.brain_mask)
+        for modality in ("swi", "t2s", "qsm"):
+            brain_mask_method(mask, modality)          # raises ValueError on an unknown or missing method
+        if not isinstance(mask, str):
+            values["brain_mask"] = {str(k): str(v) for k, v in mask.items()}
         if values.get("vessel_context", config.vessel_context) and \
                 not values.get("vessel_suppression", config.vessel_suppression):
             raise ValueError("vessel_context adds the image before vessel suppression: it needs vessel_suppression")

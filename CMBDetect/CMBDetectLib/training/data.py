@@ -110,6 +110,11 @@ def feature_cache_key(image_sha256: str, modality: str, preprocessing: dict) -> 
     if modality != "qsm":
         # QSM's scaling does not touch SWI / T2*-GRE features: their cached features stay valid.
         preprocessing = {k: v for k, v in preprocessing.items() if k != "qsm_scaling"}
+    if isinstance(preprocessing.get("brain_mask"), dict):
+        # a per-modality setting makes this modality's features exactly as its one method does
+        from CMBDetectLib.preprocessing import brain_mask_method
+
+        preprocessing = {**preprocessing, "brain_mask": brain_mask_method(preprocessing["brain_mask"], modality)}
     if not preprocessing.get("vessel_context", False):
         # Off is how every feature was made before the setting existed: those cached features stay valid.
         preprocessing = {k: v for k, v in preprocessing.items() if k != "vessel_context"}

@@ -170,7 +170,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         settings = dataclasses.replace(
             settings, working_spacing_mm=float(preprocessing["working_spacing_mm"]),
             vessel_suppression=bool(preprocessing["vessel_suppression"]),
-            qsm_scaling=str(preprocessing["qsm_scaling"]), brain_mask=str(preprocessing["brain_mask"]),
+            qsm_scaling=str(preprocessing["qsm_scaling"]), brain_mask=preprocessing["brain_mask"],
             vessel_context=bool(preprocessing["vessel_context"]),
             overlap=float(preprocessing["overlap"]),
             evidence_threshold=float(preprocessing["evidence_threshold"]),
