@@ -26,6 +26,7 @@ from CMBDetectLib.preprocessing import (
     QSM_SCALINGS,
     ScanGrid,
     brain_mask_method,
+    brain_mask_setting,
     estimate_brain_mask,
     n4_bias_correct,
     normalise_intensity,
@@ -82,10 +83,6 @@ def _crop_box(mask: np.ndarray, spacing_zyx, margin_mm: float) -> tuple[np.ndarr
     return np.maximum(start - margin, 0), np.minimum(stop + margin, shape)
 
 
-def _brain_mask_setting(value) -> str | dict[str, str]:
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else str(value)
-
-
 def feature_settings(preprocessing: dict) -> dict:
     """``compute_features`` keyword arguments from a model's ``preprocessing`` record (model.json).
 
@@ -94,7 +91,7 @@ def feature_settings(preprocessing: dict) -> dict:
     return {"working_spacing_mm": float(preprocessing.get("working_spacing_mm", 0.8)),
             "vessel_suppression": bool(preprocessing.get("vessel_suppression", True)),
             "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING)),
-            "brain_mask": _brain_mask_setting(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK)),
+            "brain_mask": brain_mask_setting(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK)),
             "vessel_context": bool(preprocessing.get("vessel_context", LEGACY_VESSEL_CONTEXT))}
 
 

@@ -324,6 +324,15 @@ def brain_mask_method(setting: str | Mapping[str, str], modality: str) -> str:
     return method
 
 
+def brain_mask_setting(value: str | Mapping[str, str]) -> str | dict[str, str]:
+    """A ``preprocessing.brain_mask`` value as stored (a method name, or a plain dict of one per modality),
+    checked for every modality: ValueError on an unknown method or a modality without one."""
+    setting = {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else str(value)
+    for modality in ("swi", "t2s", "qsm"):
+        brain_mask_method(setting, modality)
+    return setting
+
+
 def _slice_hulls(mask: np.ndarray) -> np.ndarray:
     # per slice, not 3D: a 3D hull would bridge the skull base between the temporal lobes and the cerebellum
     from skimage.morphology import convex_hull_image

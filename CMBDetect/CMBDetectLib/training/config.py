@@ -142,15 +142,12 @@ class TrainingConfig:
         for key in ("teacher_fc", "student_fc"):
             if key in values:
                 values[key] = tuple(values[key])
-        from CMBDetectLib.preprocessing import QSM_SCALINGS, brain_mask_method
+        from CMBDetectLib.preprocessing import QSM_SCALINGS, brain_mask_setting
 
         if values.get("qsm_scaling", config.qsm_scaling) not in QSM_SCALINGS:
             raise ValueError(f"qsm_scaling must be one of {', '.join(QSM_SCALINGS)}, not {values['qsm_scaling']!r}")
-        mask = values.get("brain_mask", config.brain_mask)
-        for modality in ("swi", "t2s", "qsm"):
-            brain_mask_method(mask, modality)          # raises ValueError on an unknown or missing method
-        if not isinstance(mask, str):
-            values["brain_mask"] = {str(k): str(v) for k, v in mask.items()}
+        if "brain_mask" in values:
+            values["brain_mask"] = brain_mask_setting(values["brain_mask"])
         if values.get("vessel_context", config.vessel_context) and \
                 not values.get("vessel_suppression", config.vessel_suppression):
             raise ValueError("vessel_context adds the image before vessel suppression: it needs vessel_suppression")
