@@ -16,6 +16,7 @@ import SimpleITK as sitk  # noqa: N813  (the universal SimpleITK alias)
 from scipy import ndimage
 
 from CMBDetectLib.errors import InputError
+from CMBDetectLib.validation import MODALITIES
 from CMBDetectLib.volume import Volume
 
 #: an axis whose spacing is within this fraction of the working spacing is not resampled (avoids
@@ -310,12 +311,12 @@ def brain_mask_method(setting: str | Mapping[str, str], modality: str) -> str:
     """The mask method a ``preprocessing.brain_mask`` setting names for ``modality``.
 
     The setting is one method for every modality, or a mapping ``{modality: method}`` that names all of
-    ``swi``, ``t2s`` and ``qsm`` (so a package never guesses how an unlisted modality was trained).
+    ``validation.MODALITIES`` (so a package never guesses how an unlisted modality was trained).
     """
     if isinstance(setting, str):
         method = setting
     else:
-        missing = {"swi", "t2s", "qsm"} - set(setting)
+        missing = set(MODALITIES) - set(setting)
         if missing:
             raise ValueError(f"brain mask setting {dict(setting)} names no method for {', '.join(sorted(missing))}")
         method = setting[modality]
@@ -328,7 +329,7 @@ def brain_mask_setting(value: str | Mapping[str, str]) -> str | dict[str, str]:
     """A ``preprocessing.brain_mask`` value as stored (a method name, or a plain dict of one per modality),
     checked for every modality: ValueError on an unknown method or a modality without one."""
     setting = {str(k): str(v) for k, v in value.items()} if isinstance(value, Mapping) else str(value)
-    for modality in ("swi", "t2s", "qsm"):
+    for modality in MODALITIES:
         brain_mask_method(setting, modality)
     return setting
 
