@@ -16,9 +16,10 @@ from CMBDetectLib.calibration import (
     ScanCandidates,
     by_modality,
     choose,
+    choose_by_modality,
     choose_for_modalities,
-    choose_th_disc_by_modality,
     collect,
+    cross_validate,
     sweep,
     write_calibration,
 )
@@ -82,7 +83,7 @@ def test_each_modality_gets_its_own_discrimination_threshold():
     # With no false positive allowed, one shared th_disc must choose between SWI's mimic and QSM's CMB.
     joint = choose(sweep(scans, grid), max_fp_per_scan=0.0)
     assert (joint.tp, joint.fp, joint.th_disc) == (1, 0, 0.9)
-    own = choose_th_disc_by_modality(scans, joint, grid, max_fp_per_scan=0.0)
+    own = choose_by_modality(scans, joint, grid, max_fp_per_scan=0.0)
     # SWI keeps the shared value (ties go to it), QSM gets the lower one that finds its CMB.
     assert {m: (p.th_disc, p.tp, p.fp) for m, p in own.items()} == {"swi": (0.9, 1, 0), "qsm": (0.5, 1, 0)}
     assert all(p.th_det == joint.th_det and p.max_ellipticity == joint.max_ellipticity for p in own.values())
@@ -97,9 +98,9 @@ def test_per_modality_thresholds_reach_detection_and_follow_a_modality_switch(tm
     grid = _grid(th_disc=(0.2, 0.5, 0.7, 0.9), max_ellipticity=(1.0,))
     points = sweep(scans, grid)
     joint = choose(points, max_fp_per_scan=0.0)
-    own = choose_th_disc_by_modality(scans, joint, grid, max_fp_per_scan=0.0)
+    own = choose_by_modality(scans, joint, grid, max_fp_per_scan=0.0)
     record = write_calibration(package, joint, points, scans, {"seed": 1}, max_fp_per_scan=0.0,
-                               th_disc_by_modality=own)
+                               per_modality=own)
     assert record["with_th_disc_by_modality"]["tp"] == 2 and record["with_th_disc_by_modality"]["fp"] == 0
     model = ModelPackage.load(package)
     assert model.thresholds["th_disc_by_modality"] == {"qsm": 0.5, "swi": 0.9}
@@ -134,6 +135,65 @@ def test_the_shared_setting_is_chosen_for_the_per_modality_thresholds():
     assert {m: (p.th_disc, p.tp, p.fp) for m, p in own.items()} == {"swi": (0.45, 2, 0), "qsm": (0.35, 2, 0)}
 
 
+def _volume_scans():
+    # SWI: a blooming CMB (20 mm3) and a one-voxel noise blob that the student likes (0.5 mm3, p 0.95);
+    # QSM: a CMB at its true size on a thick slice (1.5 mm3) and no mimic.
+    swi = ScanCandidates("s", "swi", 1, _scan(p_disc=[0.9, 0.95], volume=[20, 0.5], ellipticity=[0.1, 0.1],
+                                              edge=[20, 20], hits=[[1], []], n_gt=1).by_th_det)
+    qsm = ScanCandidates("q", "qsm", 1, _scan(p_disc=[0.8], volume=[1.5], ellipticity=[0.1], edge=[20],
+                                              hits=[[1]], n_gt=1).by_th_det)
+    return [swi, qsm]
+
+
+def test_each_modality_gets_its_own_minimum_volume():
+    grid = _grid(th_disc=(0.5, 0.9), min_volume_mm3=(0.0, 2.56, 4.0), max_ellipticity=(1.0,))
+    shared, own = choose_for_modalities(_volume_scans(), grid, max_fp_per_scan=0.0)
+    # one shared limit cannot both drop SWI's noise blob and keep QSM's small CMB: 1 CMB at best
+    assert (shared.tp, shared.fp) == (1, 0)
+    assert {m: (p.min_volume_mm3, p.tp, p.fp) for m, p in own.items()} == {"qsm": (0.0, 1, 0), "swi": (2.56, 1, 0)}
+
+
+def test_per_modality_volumes_reach_detection_and_follow_a_modality_switch(tmp_path, tiny_model):
+    import shutil
+
+    package = tmp_path / "model"
+    shutil.copytree(tiny_model.path, package)
+    scans = _volume_scans()
+    grid = _grid(th_disc=(0.5, 0.9), min_volume_mm3=(0.0, 2.56, 4.0), max_ellipticity=(1.0,))
+    points = sweep(scans, grid)
+    shared, own = choose_for_modalities(scans, grid, max_fp_per_scan=0.0, points=points)
+    write_calibration(package, shared, points, scans, {"seed": 1}, max_fp_per_scan=0.0, per_modality=own)
+    model = ModelPackage.load(package)
+    assert model.postprocessing["min_volume_mm3_by_modality"] == {"qsm": 0.0, "swi": 2.56}
+    assert DetectionParameters.for_model(model, "swi").min_volume_mm3 == 2.56
+    assert DetectionParameters.for_model(model, "QSM").min_volume_mm3 == 0.0
+    assert DetectionParameters.for_model(model).min_volume_mm3 == shared.min_volume_mm3   # modality unknown
+    assert DetectionParameters.for_model(model, "swi", min_volume_mm3=9.0).min_volume_mm3 == 9.0
+    # a switch moves each per-modality value only while it still is the model's value for the old modality
+    swi = DetectionParameters.for_model(model, "swi")
+    assert swi.following_modality(model, "swi", "qsm").min_volume_mm3 == 0.0
+    mine = DetectionParameters(**{**swi.to_dict(), "min_volume_mm3": 7.0})
+    moved = mine.following_modality(model, "swi", "qsm")
+    assert moved.min_volume_mm3 == 7.0 and moved.th_disc == DetectionParameters.for_model(model, "qsm").th_disc
+
+
+def test_cross_validation_counts_each_choice_on_the_scans_it_did_not_see():
+    def swi(name, p_mimic):
+        return ScanCandidates(name, "swi", 1, _scan(p_disc=[0.9, p_mimic], volume=[10, 10], ellipticity=[0.1, 0.1],
+                                                    edge=[20, 20], hits=[[1], []], n_gt=1).by_th_det)
+
+    easy, hard = [swi("a", 0.6)], [swi("b", 0.95)]
+    grid = _grid(th_disc=(0.5, 0.7, 0.97), max_ellipticity=(1.0,))
+    folds = cross_validate([easy, hard], grid, max_fp_per_scan=0.0)
+    # chosen on the hard scan: only 0.97 keeps its mimic out (and its CMB too); counted on the easy one
+    assert folds[0]["fit"]["swi"]["th_disc"] == 0.97 and (folds[0]["held_out"]["swi"]["tp"],
+                                                          folds[0]["held_out"]["swi"]["fp"]) == (0, 0)
+    # chosen on the easy scan: 0.7 finds its CMB without its mimic; on the hard scan the mimic gets through
+    assert folds[1]["fit"]["swi"]["th_disc"] == 0.7 and (folds[1]["fit"]["swi"]["tp"], folds[1]["fit"]["swi"]["fp"]) \
+        == (1, 0)
+    assert (folds[1]["held_out"]["swi"]["tp"], folds[1]["held_out"]["swi"]["fp"]) == (1, 1)
+
+
 def _point(tp, fp, th_disc=0.5, max_ellipticity=0.2, n_gt=10, n_scans=2):
     return OperatingPoint(0.5, th_disc, 2.56, max_ellipticity, 4.0, tp, fp, n_gt, n_scans)
 
@@ -163,7 +223,7 @@ def test_calibration_of_a_real_model_on_real_files(tmp_path, tiny_model):
     assert [s.n_gt for s in scans] == [3, 3]
     assert all(set(s.by_th_det) == {0.4, 0.5} for s in scans)
     points = sweep(scans, grid)
-    assert len(points) == 2 * 3 * 2 * 5 * 3
+    assert len(points) == 2 * 3 * 3 * 5 * 3
     # a lower th_disc never finds fewer CMBs (same th_det and filters)
     by_key = {(p.th_det, p.min_volume_mm3, p.max_ellipticity, p.min_edge_distance_mm, p.th_disc): p.tp
               for p in points}
@@ -181,6 +241,30 @@ def test_calibration_of_a_real_model_on_real_files(tmp_path, tiny_model):
     params = DetectionParameters.for_model(reloaded)
     assert (params.th_det, params.th_disc, params.max_ellipticity) == (chosen.th_det, chosen.th_disc,
                                                                        chosen.max_ellipticity)
+
+
+def test_collected_measurements_are_cached_and_reused_without_a_network(tmp_path, tiny_model, monkeypatch):
+    from CMBDetectLib import pipeline
+
+    dataset = write_dataset(tmp_path / "dev", n_cases=2, seed=7)
+    cases = [(image.name[:-12], image, dataset / "cmbdetect" / "instances" / image.name.replace("_0000", ""),
+              "swi") for image in sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))]
+    grid = CalibrationGrid(th_det=(0.4, 0.5), th_disc=(0.1, 0.5, 0.9))
+    cache = tmp_path / "measurements"
+    first = collect(tiny_model, cases, grid, flip_options=(False, True), cache_dir=cache)
+    assert len(list(cache.glob("*.json"))) == 4                     # 2 scans x 2 flip settings
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the networks ran although every measurement was cached")
+
+    monkeypatch.setattr(pipeline.DetectionSession, "run", no_network)
+    again = collect(tiny_model, cases, grid, flip_options=(False, True), cache_dir=cache)
+    for flips in (False, True):
+        assert [s.case for s in again[flips]] == [s.case for s in first[flips]]
+        assert sweep(again[flips], grid) == sweep(first[flips], grid)
+    # another th_det grid is another measurement: it is not taken from the cache
+    with pytest.raises(AssertionError, match="networks ran"):
+        collect(tiny_model, cases, CalibrationGrid(th_det=(0.3,)), cache_dir=cache)
 
 
 def test_student_test_time_flips_are_orientation_invariant():

@@ -148,12 +148,15 @@ def test_detect_uses_the_models_threshold_for_the_scans_modality(tiny_model, sca
     shutil.copytree(tiny_model.path, model)
     manifest = json.loads((model / "model.json").read_text())
     manifest["thresholds"]["th_disc_by_modality"] = {"swi": 0.123, "qsm": 0.456}   # as calibration writes
+    manifest["postprocessing"]["min_volume_mm3_by_modality"] = {"swi": 3.5, "qsm": 0.0}
     (model / "model.json").write_text(json.dumps(manifest))
-    for extra, expected in (([], 0.123), (["--modality", "qsm"], 0.456), (["--th-disc", "0.2"], 0.2)):
+    for extra, expected, volume in (([], 0.123, "volume >= 3.5 mm3"), (["--modality", "qsm"], 0.456, "no volume limit"),
+                                    (["--th-disc", "0.2"], 0.2, "volume >= 3.5 mm3")):
         out = tmp_path / f"out{expected}"
         result = run_cli("detect", str(scan_path), "--out", str(out), "--model", str(model), "--device", "cpu",
                          "--progress", "none", *extra)
         assert result.returncode == 0, result.stderr
-        assert f"Th_Cdisc {expected:g};" in result.stdout            # the summary says which value it used
+        assert f"Th_Cdisc {expected:g}; {volume}," in result.stdout   # the summary says which values it used
         record = json.loads((out / "sub-01_swi_candidates.json").read_text())
         assert record["parameters"]["th_disc"] == pytest.approx(expected)
+        assert record["parameters"]["min_volume_mm3"] == pytest.approx(0.0 if "no" in volume else 3.5)

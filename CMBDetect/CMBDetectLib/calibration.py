@@ -11,15 +11,17 @@ scan; ties go to fewer false positives, then to the setting closest to the paper
 post-processing limits (5 voxels, ellipticity 0.2, 5 voxels from the edge) are in the grid, so calibration
 can only keep or relax them where the development set shows they cost more CMBs than they save.
 
-What is deployed is one ``th_det`` and one set of filters with a ``th_disc`` per modality
-(``thresholds.th_disc_by_modality``), each modality held to the budget on its own scans; so the shared setting
-is chosen for the CMBs those per-modality points find together (:func:`choose_for_modalities`), and the shared
-``th_disc`` (for a scan of unknown modality) is the best one at that setting.
+What is deployed is one ``th_det``, ellipticity and edge limit, with a ``th_disc`` and a minimum volume per
+modality (``thresholds.th_disc_by_modality``, ``postprocessing.min_volume_mm3_by_modality``), each modality
+held to the budget on its own scans; so the shared setting is chosen for the CMBs those per-modality points find
+together (:func:`choose_for_modalities`), and the shared ``th_disc`` and volume (for a scan of unknown modality)
+are the best ones at that setting.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass
@@ -36,13 +38,16 @@ from CMBDetectLib.volume import atomic_write_text
 
 PAPER = PostprocessingParameters()
 FRONTIER_BUDGETS = (0.25, 0.5, 1.0, 2.0, 4.0)      # recorded: what each false-positive budget would buy
+# Cached measurements (collect(cache_dir=...)) carry this: raise it when what measure_scan records changes.
+MEASUREMENT_VERSION = 1
 
 
 @dataclass(frozen=True)
 class CalibrationGrid:
     th_det: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     th_disc: tuple[float, ...] = tuple(round(v, 2) for v in np.arange(0.05, 0.96, 0.05)) + (0.97, 0.99)
-    min_volume_mm3: tuple[float, ...] = (0.0, PAPER.min_volume_mm3)
+    # no limit, the paper's 5 working voxels, and about the smallest CMB (a sphere of radius 1 mm: 4.2 mm^3)
+    min_volume_mm3: tuple[float, ...] = (0.0, PAPER.min_volume_mm3, 4.0)
     max_ellipticity: tuple[float, ...] = (PAPER.max_ellipticity, 0.3, 0.4, 0.5, 1.0)
     min_edge_distance_mm: tuple[float, ...] = (0.0, 2.0, PAPER.min_edge_distance_mm)
 
@@ -164,48 +169,52 @@ def choose(points: Sequence[OperatingPoint], max_fp_per_scan: float = 1.0,
     return min(allowed, key=lambda p: (*_objective(p), _distance_from_paper(p, default_th_det), -p.th_disc))
 
 
-def choose_th_disc_by_modality(scans: Sequence[ScanCandidates], joint: OperatingPoint, grid: CalibrationGrid,
-                               max_fp_per_scan: float = 1.0) -> dict[str, OperatingPoint]:
-    """Per modality, ``joint``'s ``th_det`` and filters with the ``th_disc`` that finds the most of that
-    modality's CMBs within the budget on that modality's scans (ties: fewer false positives, then closest to
-    the joint ``th_disc``).
+def choose_by_modality(scans: Sequence[ScanCandidates], joint: OperatingPoint, grid: CalibrationGrid,
+                       max_fp_per_scan: float = 1.0) -> dict[str, OperatingPoint]:
+    """Per modality, ``joint``'s ``th_det``, ellipticity and edge limits with the ``th_disc`` and minimum volume
+    (from ``grid``) that find the most of that modality's CMBs within the budget on that modality's scans
+    (ties: fewer false positives, then closest to ``joint``'s minimum volume, then to its ``th_disc``).
 
-    The targets are per modality (a scan is one modality), and the student's scores are not equally sharp on
-    all three: one shared ``th_disc`` spends one modality's false-positive budget on another's CMBs.
-    Only ``th_disc`` varies, so ``th_det`` and the candidate cache stay shared.
+    The targets are per modality (a scan is one modality), and neither the student's scores nor the CMBs'
+    sizes are alike on all three: one shared ``th_disc`` spends one modality's false-positive budget on
+    another's CMBs, and one shared minimum volume must keep QSM's CMBs (their true size, a few voxels on a
+    thick slice), where blooming makes every SWI / T2* CMB larger than the smallest noise blobs.
+    ``th_det`` stays shared, so the candidate cache does too.
     """
     chosen = {}
     for modality in sorted({s.modality for s in scans}):
         subset = [s for s in scans if s.modality == modality]
         points = sweep(subset, CalibrationGrid(
-            th_det=(joint.th_det,), th_disc=grid.th_disc, min_volume_mm3=(joint.min_volume_mm3,),
+            th_det=(joint.th_det,), th_disc=grid.th_disc, min_volume_mm3=grid.min_volume_mm3,
             max_ellipticity=(joint.max_ellipticity,), min_edge_distance_mm=(joint.min_edge_distance_mm,)))
         allowed = [p for p in points if p.fp_per_scan <= max_fp_per_scan + 1e-9] or \
             [min(points, key=lambda p: (p.fp, -p.tp))]
-        chosen[modality] = min(allowed, key=lambda p: (*_objective(p), abs(p.th_disc - joint.th_disc)))
+        chosen[modality] = min(allowed, key=lambda p: (*_objective(p), abs(p.min_volume_mm3 - joint.min_volume_mm3),
+                                                       abs(p.th_disc - joint.th_disc)))
     return chosen
 
 
 def choose_for_modalities(scans: Sequence[ScanCandidates], grid: CalibrationGrid, max_fp_per_scan: float = 1.0,
                           default_th_det: float = 0.5, points: Sequence[OperatingPoint] | None = None
                           ) -> tuple[OperatingPoint, dict[str, OperatingPoint]]:
-    """The shared ``th_det`` and filters chosen for what is deployed: every modality with its own ``th_disc``.
+    """The shared ``th_det`` and filters chosen for what is deployed: every modality with its own ``th_disc``
+    and minimum volume.
 
-    For each ``th_det`` x filter setting of ``grid``: its best shared point (:func:`choose`, the fallback for a
-    scan of unknown modality) and each modality's best ``th_disc`` within the budget on that modality's scans
-    (:func:`choose_th_disc_by_modality`). The setting whose per-modality points find the most CMBs in total wins
-    (ties: fewer false positives, then closest to the paper). Choosing the setting by the shared point alone
-    could pick one that a modality can only meet the budget at by giving up many CMBs.
+    For each ``th_det`` x ellipticity x edge setting of ``grid``: its best shared point (:func:`choose`, the
+    fallback for a scan of unknown modality) and each modality's best ``th_disc`` and minimum volume within the
+    budget on that modality's scans (:func:`choose_by_modality`). The setting whose per-modality points find
+    the most CMBs in total wins (ties: fewer false positives, then closest to the paper). Choosing the setting
+    by the shared point alone could pick one that a modality can only meet the budget at by giving up many CMBs.
     ``points``: ``sweep(scans, grid)`` when the caller has it. Returns ``(shared point, {modality: point})``.
     """
-    groups: dict[tuple[float, float, float, float], list[OperatingPoint]] = {}
+    groups: dict[tuple[float, float, float], list[OperatingPoint]] = {}
     for point in points if points is not None else sweep(scans, grid):
-        key = (point.th_det, point.min_volume_mm3, point.max_ellipticity, point.min_edge_distance_mm)
+        key = (point.th_det, point.max_ellipticity, point.min_edge_distance_mm)
         groups.setdefault(key, []).append(point)
     best: tuple[tuple, OperatingPoint, dict[str, OperatingPoint]] | None = None
     for group in groups.values():
         shared = choose(group, max_fp_per_scan, default_th_det)
-        own = choose_th_disc_by_modality(scans, shared, grid, max_fp_per_scan)
+        own = choose_by_modality(scans, shared, grid, max_fp_per_scan)
         tp, fp = deployed_totals(own)
         rank = (-tp, fp, _distance_from_paper(shared, default_th_det), -shared.th_disc)
         if best is None or rank < best[0]:
@@ -219,21 +228,84 @@ def deployed_totals(by_modality_points: dict[str, OperatingPoint]) -> tuple[int,
     return (sum(p.tp for p in by_modality_points.values()), sum(p.fp for p in by_modality_points.values()))
 
 
+def _grid_of(point: OperatingPoint) -> CalibrationGrid:
+    """The one-setting grid of ``point``."""
+    return CalibrationGrid(th_det=(point.th_det,), th_disc=(point.th_disc,), min_volume_mm3=(point.min_volume_mm3,),
+                           max_ellipticity=(point.max_ellipticity,),
+                           min_edge_distance_mm=(point.min_edge_distance_mm,))
+
+
 def by_modality(scans: Sequence[ScanCandidates], point: OperatingPoint) -> dict[str, dict]:
     """The counts of ``point`` on each modality's scans (one operating point serves all modalities)."""
-    grid = CalibrationGrid(th_det=(point.th_det,), th_disc=(point.th_disc,),
-                           min_volume_mm3=(point.min_volume_mm3,), max_ellipticity=(point.max_ellipticity,),
-                           min_edge_distance_mm=(point.min_edge_distance_mm,))
-    return {modality: sweep([s for s in scans if s.modality == modality], grid)[0].to_dict()
+    return {modality: sweep([s for s in scans if s.modality == modality], _grid_of(point))[0].to_dict()
             for modality in sorted({s.modality for s in scans})}
+
+
+def recount(scans: Sequence[ScanCandidates], per_modality: dict[str, OperatingPoint]) -> dict[str, OperatingPoint]:
+    """Each modality's point counted again on that modality's ``scans`` (e.g. scans it was not chosen on)."""
+    counted = {}
+    for modality, point in per_modality.items():
+        subset = [s for s in scans if s.modality == modality]
+        if subset:
+            counted[modality] = sweep(subset, _grid_of(point))[0]
+    return counted
+
+
+def cross_validate(folds: Sequence[Sequence[ScanCandidates]], grid: CalibrationGrid, max_fp_per_scan: float = 1.0,
+                   default_th_det: float = 0.5) -> list[dict]:
+    """For each fold: the per-modality points chosen (:func:`choose_for_modalities`) on the other folds, counted
+    on the scans they were chosen on (``fit``) and on this fold's (``held_out``). A choice that holds its
+    false-positive budget only where it was made is fitted to those scans: the held-out counts are what to
+    expect on new scans like them."""
+    results = []
+    for k, held in enumerate(folds):
+        fit = [scan for j, fold in enumerate(folds) if j != k for scan in fold]
+        _, own = choose_for_modalities(fit, grid, max_fp_per_scan, default_th_det)
+        results.append({"fit": {m: p.to_dict() for m, p in own.items()},
+                        "held_out": {m: p.to_dict() for m, p in recount(held, own).items()}})
+    return results
+
+
+def measurement_key(model: ModelPackage, image: Path, ground_truth: Path, modality: str,
+                    th_dets: Sequence[float], flips: bool) -> str:
+    """What one scan's measurements depend on: the networks, the preprocessing, the student's flips, the
+    ``th_det`` values, the modality and the contents of the image and its ground truth (not the operating
+    point being chosen, so a re-calibration with another objective or grid of filters reuses them)."""
+    from CMBDetectLib.model_package import sha256_file
+
+    inference = {k: v for k, v in (model.manifest.get("inference") or {}).items() if k != "student_flips"}
+    parts = {"version": MEASUREMENT_VERSION, "networks": model.manifest.get("networks"),
+             "preprocessing": model.manifest.get("preprocessing"), "inference": inference, "flips": bool(flips),
+             "th_det": [float(t) for t in th_dets], "modality": modality,
+             "image": sha256_file(image), "ground_truth": sha256_file(ground_truth)}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _scan_to_json(scan: ScanCandidates) -> dict:
+    return {"case": scan.case, "modality": scan.modality, "n_gt": scan.n_gt,
+            "by_th_det": [{"th_det": th, "p_disc": t.p_disc.tolist(), "volume_mm3": t.volume_mm3.tolist(),
+                           "ellipticity": t.ellipticity.tolist(), "edge_distance_mm": t.edge_distance_mm.tolist(),
+                           "hits": t.hits} for th, t in scan.by_th_det.items()]}
+
+
+def _scan_from_json(data: dict) -> ScanCandidates:
+    tables = {float(t["th_det"]): CandidateTable(
+        np.asarray(t["p_disc"], float), np.asarray(t["volume_mm3"], float), np.asarray(t["ellipticity"], float),
+        np.asarray(t["edge_distance_mm"], float), [list(map(int, h)) for h in t["hits"]])
+        for t in data["by_th_det"]}
+    return ScanCandidates(str(data["case"]), str(data["modality"]), int(data["n_gt"]), tables)
 
 
 def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], grid: CalibrationGrid,
             device: str = "cpu", progress: ProgressCallback | None = None,
-            flip_options: Sequence[bool] = (False,)) -> dict[bool, list[ScanCandidates]]:
+            flip_options: Sequence[bool] = (False,), cache_dir: Path | None = None
+            ) -> dict[bool, list[ScanCandidates]]:
     """Run the model once on each ``(case, image, instance_or_label_map, modality)`` and measure its
     candidates, for each student test-time-flip setting in ``flip_options`` (the networks' stage 1 runs
-    once per scan; only the student re-scores)."""
+    once per scan; only the student re-scores).
+
+    ``cache_dir``: each scan's measurements are kept there (JSON, keyed by :func:`measurement_key`), so a
+    calibration that was stopped resumes, and choosing again with another objective needs no network."""
     from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
     from CMBDetectLib.volume import read_volume
 
@@ -241,6 +313,15 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
     scans: dict[bool, list[ScanCandidates]] = {bool(flips): [] for flips in flip_options}
     for index, (case, image, ground_truth, modality) in enumerate(cases):
         report(index / max(len(cases), 1), f"calibration: {case}")
+        cached: dict[bool, Path] = {}
+        if cache_dir is not None:
+            keys = {flips: measurement_key(model, image, ground_truth, modality, grid.th_det, flips)
+                    for flips in scans}
+            cached = {flips: Path(cache_dir) / f"{key}.json" for flips, key in keys.items()}
+            if all(path.is_file() for path in cached.values()):
+                for flips, path in cached.items():
+                    scans[flips].append(_scan_from_json(json.loads(path.read_text(encoding="utf-8"))))
+                continue
         volume = read_volume(image)
         truth = read_volume(ground_truth)
         if truth.array.shape != volume.array.shape:
@@ -249,7 +330,11 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
         session.run(volume, modality, params=DetectionParameters.for_model(model, th_det=min(grid.th_det)))
         for flips in scans:
             session.set_student_flips(flips)
-            scans[flips].append(measure_scan(session, truth.array.astype(np.int64), truth, case, grid.th_det))
+            measured = measure_scan(session, truth.array.astype(np.int64), truth, case, grid.th_det)
+            scans[flips].append(measured)
+            if flips in cached:
+                cached[flips].parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(cached[flips], json.dumps(_scan_to_json(measured)))
     report(1.0, f"calibration: {len(cases)} scans measured")
     return scans
 
@@ -257,9 +342,12 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
 def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequence[OperatingPoint],
                       scans: Sequence[ScanCandidates], description: dict, max_fp_per_scan: float,
                       student_flips: bool = False, alternatives: dict | None = None,
-                      th_disc_by_modality: dict[str, OperatingPoint] | None = None) -> dict:
+                      per_modality: dict[str, OperatingPoint] | None = None,
+                      cross_validation: list[dict] | None = None) -> dict:
     """Put the chosen operating point into ``model.json`` (thresholds + post-processing + test-time
-    flips + a record of how they were chosen); ``alternatives``: what the other settings achieved."""
+    flips + a record of how they were chosen); ``alternatives``: what the other settings achieved;
+    ``per_modality``: each modality's own point (:func:`choose_by_modality`), whose ``th_disc`` and minimum
+    volume are deployed for that modality; ``cross_validation``: :func:`cross_validate`'s record."""
     manifest_path = Path(package_dir) / "model.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     # a re-calibration keeps the training-time values as "before"
@@ -268,11 +356,13 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "inference": manifest.get("inference")}
     manifest["inference"] = {**(manifest.get("inference") or {}), "student_flips": bool(student_flips)}
     manifest["thresholds"] = {"th_det": chosen.th_det, "th_disc": chosen.th_disc}
-    if th_disc_by_modality:
-        manifest["thresholds"]["th_disc_by_modality"] = {m: p.th_disc for m, p in th_disc_by_modality.items()}
     manifest["postprocessing"] = {"min_volume_mm3": chosen.min_volume_mm3,
                                   "max_ellipticity": chosen.max_ellipticity,
                                   "min_edge_distance_mm": chosen.min_edge_distance_mm}
+    if per_modality:
+        manifest["thresholds"]["th_disc_by_modality"] = {m: p.th_disc for m, p in per_modality.items()}
+        manifest["postprocessing"]["min_volume_mm3_by_modality"] = {m: p.min_volume_mm3
+                                                                    for m, p in per_modality.items()}
 
     def at(params: dict) -> dict | None:
         match = [p for p in points if all(abs(getattr(p, k) - float(v)) < 1e-6 for k, v in params.items())]
@@ -284,8 +374,8 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "development_set": description, "scans": len(scans), "cmbs": sum(s.n_gt for s in scans),
         "objective": (f"most CMBs found with <= {max_fp_per_scan:g} false positives per scan "
-                      + ("on each modality's scans, each modality with its own th_disc and th_det / filters "
-                         "shared " if th_disc_by_modality else "")
+                      + ("on each modality's scans, each modality with its own th_disc and minimum volume, "
+                         "th_det and the other filters shared " if per_modality else "")
                       + "(centroid matching); ties: fewer false positives, then closest to the paper's filters"),
         "chosen": chosen.to_dict(), "before": before,
         "at_training_threshold_and_paper_filters": paper_point,
@@ -295,13 +385,16 @@ def write_calibration(package_dir: Path, chosen: OperatingPoint, points: Sequenc
         "student_flips": bool(student_flips), "alternatives": alternatives or {},
         "chosen_by_modality": by_modality(scans, chosen),
     }
-    if th_disc_by_modality:
-        record["th_disc_by_modality"] = {m: p.to_dict() for m, p in th_disc_by_modality.items()}
-        tp, fp = deployed_totals(th_disc_by_modality)
+    if per_modality:
+        # (the record's key predates the per-modality volume: each point carries both)
+        record["th_disc_by_modality"] = {m: p.to_dict() for m, p in per_modality.items()}
+        tp, fp = deployed_totals(per_modality)
         total = {"tp": tp, "fp": fp}
         record["with_th_disc_by_modality"] = {**total, "n_gt": record["cmbs"], "n_scans": len(scans),
                                               "tpr": round(total["tp"] / max(record["cmbs"], 1), 4),
                                               "fp_per_scan": round(total["fp"] / max(len(scans), 1), 4)}
+    if cross_validation is not None:
+        record["cross_validation"] = cross_validation
     manifest["calibration"] = record
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return record

@@ -34,6 +34,23 @@ REASONS = ("discrimination", "volume", "ellipticity", "edge_distance")
 # Previewed candidates given their real score per GUI event-loop turn (8 x 8 views: ~0.1 s on a laptop CPU).
 REFINE_CHUNK = 8
 MAX_CACHED_THRESHOLDS = 8   # Th_Cdet values whose components stay cached (a revisited evicted one: ~0.2 s, no network)
+# Parameters a model may set per modality ({parameter: (model.json section, key)}): the student's scores are not
+# equally sharp on every modality, and blooming makes SWI / T2* CMBs larger than QSM's.
+PER_MODALITY = {"th_disc": ("thresholds", "th_disc_by_modality"),
+                "min_volume_mm3": ("postprocessing", "min_volume_mm3_by_modality")}
+
+
+def _per_modality_values(model: ModelPackage, modality: str) -> dict[str, float]:
+    """The model's per-modality values (``PER_MODALITY``) for ``modality``, where it has them."""
+    from CMBDetectLib.validation import normalise_modality
+
+    own = normalise_modality(modality)
+    values = {}
+    for name, (section, key) in PER_MODALITY.items():
+        by_modality = (model.manifest.get(section) or {}).get(key) or {}
+        if by_modality.get(own) is not None:
+            values[name] = float(by_modality[own])
+    return values
 
 
 @dataclass
@@ -51,8 +68,9 @@ class DetectionParameters:
                   **overrides: Any) -> DetectionParameters:
         """The model's recommended defaults, then ``overrides`` (``None`` values are ignored).
 
-        ``modality``: the model's ``Th_Cdisc`` for that modality where it has one
-        (``thresholds.th_disc_by_modality``, chosen by calibration); otherwise its shared ``th_disc``.
+        ``modality``: the model's value for that modality where it has one (``th_disc`` from
+        ``thresholds.th_disc_by_modality``, ``min_volume_mm3`` from ``postprocessing.min_volume_mm3_by_modality``,
+        both chosen by calibration); otherwise its shared value.
         """
         values: dict[str, Any] = {}
         if model is not None:
@@ -60,25 +78,21 @@ class DetectionParameters:
             values.update({k: v for k, v in model.postprocessing.items()
                            if k in ("min_volume_mm3", "max_ellipticity", "min_edge_distance_mm")})
             if modality is not None:
-                from CMBDetectLib.validation import normalise_modality
-
-                by_modality = model.thresholds.get("th_disc_by_modality") or {}
-                own = by_modality.get(normalise_modality(modality))
-                if own is not None:
-                    values["th_disc"] = own
+                values.update(_per_modality_values(model, modality))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(values)
 
     def following_modality(self, model: ModelPackage | None, old: str | None, new: str) -> DetectionParameters:
-        """These parameters after the user switched the modality from ``old`` to ``new``: ``th_disc``
-        follows the model's per-modality value only while it still is the model's value for ``old``
-        (a threshold the user chose is never overwritten)."""
+        """These parameters after the user switched the modality from ``old`` to ``new``: each per-modality
+        value (``PER_MODALITY``) follows the model's value for ``new`` only while it still is the model's value
+        for ``old`` (a value the user chose is never overwritten)."""
         if model is None:
             return self
-        recommended_old = DetectionParameters.for_model(model, old).th_disc
-        if abs(self.th_disc - recommended_old) > 1e-6:
-            return self
-        return replace_parameters(self, th_disc=DetectionParameters.for_model(model, new).th_disc)
+        recommended_old = DetectionParameters.for_model(model, old)
+        recommended_new = DetectionParameters.for_model(model, new)
+        follow = {name: getattr(recommended_new, name) for name in PER_MODALITY
+                  if abs(getattr(self, name) - getattr(recommended_old, name)) <= 1e-6}
+        return replace_parameters(self, **follow) if follow else self
 
     @classmethod
     def from_dict(cls, values: dict) -> DetectionParameters:

@@ -130,9 +130,12 @@ def _print_summary(image_path, modality, why, device, result, outputs, elapsed) 
     print(f"{image_path}: {len(final)} CMB(s) from {len(result.candidates)} candidates "
           f"({modality}, {why}; {device}; {elapsed:.1f} s)")
     params = result.parameters
-    print(f"  thresholds: Th_Cdet {params.th_det:g}, Th_Cdisc {params.th_disc:g}; volume >= "
-          f"{params.min_volume_mm3:g} mm3, ellipticity <= {params.max_ellipticity:g}, "
-          f"edge distance >= {params.min_edge_distance_mm:g} mm")
+    # a limit that removes nothing is said so, not printed as "ellipticity <= 1"
+    limits = [f"volume >= {params.min_volume_mm3:g} mm3" if params.min_volume_mm3 > 0 else "no volume limit",
+              f"ellipticity <= {params.max_ellipticity:g}" if params.max_ellipticity < 1 else "no ellipticity limit",
+              f"edge distance >= {params.min_edge_distance_mm:g} mm" if params.min_edge_distance_mm > 0
+              else "no edge-distance limit"]
+    print(f"  thresholds: Th_Cdet {params.th_det:g}, Th_Cdisc {params.th_disc:g}; {', '.join(limits)}")
     removed = ", ".join(f"{counts[k]} by {k.replace('_', ' ')}" for k in
                         ("discrimination", "volume", "ellipticity", "edge_distance") if counts.get(k))
     if removed:
