@@ -20,6 +20,7 @@ from CMBDetectLib.calibration import (
     choose_for_modalities,
     collect,
     cross_validate,
+    measurement_keys,
     sweep,
     write_calibration,
 )
@@ -262,9 +263,14 @@ def test_collected_measurements_are_cached_and_reused_without_a_network(tmp_path
     for flips in (False, True):
         assert [s.case for s in again[flips]] == [s.case for s in first[flips]]
         assert sweep(again[flips], grid) == sweep(first[flips], grid)
-    # another th_det grid is another measurement: it is not taken from the cache
+    # another th_det grid, or another ground truth in the same file, is another measurement: not from the cache
     with pytest.raises(AssertionError, match="networks ran"):
         collect(tiny_model, cases, CalibrationGrid(th_det=(0.3,)), cache_dir=cache)
+    case, image, truth, modality = cases[0]
+    before = measurement_keys(tiny_model, image, truth, modality, grid.th_det, (False, True))
+    assert before[False] != before[True]
+    truth.write_bytes(cases[1][2].read_bytes())
+    assert measurement_keys(tiny_model, image, truth, modality, grid.th_det, (False,))[False] != before[False]
 
 
 def test_student_test_time_flips_are_orientation_invariant():

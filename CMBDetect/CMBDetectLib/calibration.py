@@ -266,19 +266,20 @@ def cross_validate(folds: Sequence[Sequence[ScanCandidates]], grid: CalibrationG
     return results
 
 
-def measurement_key(model: ModelPackage, image: Path, ground_truth: Path, modality: str,
-                    th_dets: Sequence[float], flips: bool) -> str:
-    """What one scan's measurements depend on: the networks, the preprocessing, the student's flips, the
-    ``th_det`` values, the modality and the contents of the image and its ground truth (not the operating
-    point being chosen, so a re-calibration with another objective or grid of filters reuses them)."""
+def measurement_keys(model: ModelPackage, image: Path, ground_truth: Path, modality: str,
+                     th_dets: Sequence[float], flip_options: Sequence[bool]) -> dict[bool, str]:
+    """For each flip setting, what one scan's measurements depend on: the networks, the preprocessing, the
+    student's flips, the ``th_det`` values, the modality and the contents of the image and its ground truth (not
+    the operating point being chosen, so a re-calibration with another objective or grid of filters reuses them)."""
     from CMBDetectLib.model_package import sha256_file
 
     inference = {k: v for k, v in (model.manifest.get("inference") or {}).items() if k != "student_flips"}
     parts = {"version": MEASUREMENT_VERSION, "networks": model.manifest.get("networks"),
-             "preprocessing": model.manifest.get("preprocessing"), "inference": inference, "flips": bool(flips),
+             "preprocessing": model.manifest.get("preprocessing"), "inference": inference,
              "th_det": [float(t) for t in th_dets], "modality": modality,
              "image": sha256_file(image), "ground_truth": sha256_file(ground_truth)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return {bool(flips): hashlib.sha256(json.dumps({**parts, "flips": bool(flips)}, sort_keys=True).encode()
+                                        ).hexdigest() for flips in flip_options}
 
 
 def _scan_to_json(scan: ScanCandidates) -> dict:
@@ -304,7 +305,7 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
     candidates, for each student test-time-flip setting in ``flip_options`` (the networks' stage 1 runs
     once per scan; only the student re-scores).
 
-    ``cache_dir``: each scan's measurements are kept there (JSON, keyed by :func:`measurement_key`), so a
+    ``cache_dir``: each scan's measurements are kept there (JSON, keyed by :func:`measurement_keys`), so a
     calibration that was stopped resumes, and choosing again with another objective needs no network."""
     from CMBDetectLib.pipeline import DetectionParameters, DetectionSession
     from CMBDetectLib.volume import read_volume
@@ -315,8 +316,7 @@ def collect(model: ModelPackage, cases: Sequence[tuple[str, Path, Path, str]], g
         report(index / max(len(cases), 1), f"calibration: {case}")
         cached: dict[bool, Path] = {}
         if cache_dir is not None:
-            keys = {flips: measurement_key(model, image, ground_truth, modality, grid.th_det, flips)
-                    for flips in scans}
+            keys = measurement_keys(model, image, ground_truth, modality, grid.th_det, list(scans))
             cached = {flips: Path(cache_dir) / f"{key}.json" for flips, key in keys.items()}
             if all(path.is_file() for path in cached.values()):
                 for flips, path in cached.items():
