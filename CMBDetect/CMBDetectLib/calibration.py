@@ -237,8 +237,8 @@ def _grid_of(point: OperatingPoint) -> CalibrationGrid:
 
 def by_modality(scans: Sequence[ScanCandidates], point: OperatingPoint) -> dict[str, dict]:
     """The counts of ``point`` on each modality's scans (one operating point serves all modalities)."""
-    return {modality: sweep([s for s in scans if s.modality == modality], _grid_of(point))[0].to_dict()
-            for modality in sorted({s.modality for s in scans})}
+    same_point = {modality: point for modality in sorted({s.modality for s in scans})}
+    return {modality: counted.to_dict() for modality, counted in recount(scans, same_point).items()}
 
 
 def recount(scans: Sequence[ScanCandidates], per_modality: dict[str, OperatingPoint]) -> dict[str, OperatingPoint]:
