@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from CMBDetectLib.training.provenance import data_digests, machine_record
+from CMBDetectLib.training.provenance import KERNEL_FLAGS, data_digests, machine_record
 
 
 @dataclass
@@ -65,3 +65,12 @@ def test_machine_record_names_the_cpu_and_the_numeric_libraries() -> None:
     assert record["cpu"] and record["threads"] >= 1 and record["cpu_capability"]
     assert record["packages"]["numpy"] == np.__version__
     assert set(record["packages"]) >= {"numpy", "scipy", "SimpleITK", "torch"}
+    if Path("/proc/cpuinfo").is_file():   # Linux: which CPU model and which kernel-choosing flags
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        if "cpu family" in cpuinfo:
+            family, model, stepping = record["cpu_model"].split("/")
+            assert family.isdigit() and model.isdigit()
+        lines = [line for line in cpuinfo.splitlines() if line.startswith("flags")]
+        if lines:
+            flags = set(lines[0].split(":", 1)[1].split())
+            assert record["cpu_flags"] == [flag for flag in KERNEL_FLAGS if flag in flags]

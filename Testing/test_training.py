@@ -503,6 +503,32 @@ def test_mined_candidates_are_labelled_by_overlap(cases: list) -> None:
     assert candidate_summary([result])["tpr"] == 1.0
 
 
+def test_cmbdetect_train_gives_identical_networks_in_two_processes(dataset: Path, tmp_path: Path) -> None:
+    """Deterministic given a seed, all three networks: two `cmbdetect train` processes (other hash seeds, own
+    feature caches) write byte-identical weights; another seed does not."""
+    import os
+    import subprocess
+    import sys
+
+    def train(name: str, seed: int, hash_seed: str) -> dict:
+        config_file = tmp_path / f"{name}.json"
+        config_file.write_text(json.dumps(tiny_config(tmp_path / f"cache_{name}")))
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "CMBDetectLib", "train", "--dataset", str(dataset), "--out", str(tmp_path / name),
+             "--config", str(config_file), "--seed", str(seed), "--device", "cpu", "--progress", "json"],
+            capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        networks = json.loads((tmp_path / name / "model.json").read_text(encoding="utf-8"))["networks"]
+        return {role: spec["sha256"] for role, spec in networks.items()}
+
+    first = train("first", 5, "1")
+    assert set(first) == {"stage1", "teacher", "student"}
+    assert train("second", 5, "2") == first
+    other = train("other", 6, "1")
+    assert all(other[role] != first[role] for role in first)
+
+
 def test_train_init_without_out_registers_a_new_version(tmp_path, tiny_model):
     """`cmbdetect train --init MODEL --dataset DIR` = fine-tune, before/after metrics, next version."""
     import json

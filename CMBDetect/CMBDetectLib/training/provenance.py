@@ -1,9 +1,11 @@
 """What a training run was made from and on: digests of its data and a description of the machine.
 
 A from-scratch ``make model`` on another machine can train different weights from the same seed: the same
-data, but oneDNN / MKL pick other kernels on another CPU (AVX2 vs AVX-512), so floating-point sums round
-differently and training diverges. With these records in ``model.json`` a rerun can tell *where* it parted
-from the bundled model: the generated images, the labels, the computed features, or only the training.
+data, but oneDNN / MKL pick other kernels on another CPU (AVX2 vs AVX-512, and MKL's code path by CPU model
+unless its conditional numerical reproducibility, ``MKL_CBWR``, is set), so floating-point sums round
+differently and training diverges. On one machine type a rerun is bit-identical. With these records in
+``model.json`` a rerun can tell *where* it parted from the bundled model: the generated images, the labels, the
+computed features, or only the training, and on which CPUs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.metadata
+import os
 import platform
 from pathlib import Path
 from typing import Sequence
@@ -22,26 +25,55 @@ import torch
 NUMERIC_PACKAGES = ("numpy", "scipy", "SimpleITK", "scikit-image", "monai", "torch")
 
 
-def _cpu_name() -> str:
+#: CPU flags that decide which kernels oneDNN / MKL / torch run (a name like "AMD EPYC" does not).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
+                "amx_bf16")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def _cpu_name(info: dict[str, str]) -> str:
+    return info.get("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_model(info: dict[str, str]) -> str | None:
+    """``family/model/stepping``: two CPUs sold under one name can differ here (and in their kernels)."""
+    if "cpu family" not in info:
+        return None
+    return "/".join(info.get(key, "?") for key in ("cpu family", "model", "stepping"))
 
 
 def machine_record() -> dict:
-    """CPU, the SIMD level torch's kernels use on it, thread count and the numeric libraries' versions."""
+    """CPU (name, family/model/stepping, kernel-relevant flags), the SIMD level torch's kernels use on it, MKL's
+    reproducibility setting, thread count and the numeric libraries' versions."""
     versions = {}
     for name in NUMERIC_PACKAGES:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return {"cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "platform": platform.platform(), "packages": versions}
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {"cpu": _cpu_name(info), "cpu_model": _cpu_model(info),
+            "cpu_flags": [flag for flag in KERNEL_FLAGS if flag in flags] if flags else None,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR"), "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "packages": versions}
 
 
 def _update_with_file(digest, path: Path, chunk: int = 1 << 20) -> None:
