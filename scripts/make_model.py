@@ -54,6 +54,10 @@ CONFIG = {
     "version": VERSION,
     "description": "Default CMBDetect model trained only on synthetic SWI / T2*-GRE / QSM scans "
                    "(CMBDetect physics-based generator); fine-tune on reviewed patient scans.",
+    # Tried for 1.9.0 and NOT shipped (2026-12-06): stage1_width 16. Stage 1 better (validation loss 0.287 vs 0.377,
+    # 7 more development QSM CMBs reached), but the student trained on its candidates stopped after one epoch and
+    # the development set went 506 of 594 CMBs with 138 FP -> 502 with 141 (QSM +5, T2* -9); stage 1 + mining
+    # 40 min instead of 20 (docs/model_history.md).
     "stage1_width": 8,
     # Step budgets (not time budgets) so that a rerun trains the same number of steps on any machine; the
     # minute limits are only a safety net. The lr decays x0.1 every 2 epochs (paper), so an epoch must be
