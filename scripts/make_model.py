@@ -223,7 +223,8 @@ def where_runs_part(new: Path, installed: Path) -> list[str]:
         seconds = {stage: round(result.get("seconds", 0)) for stage, result in record.get("stages", {}).items()}
         lines.append(f"  {label}: {machine.get('cpu', 'CPU not recorded')} (family/model/stepping "
                      f"{machine.get('cpu_model', 'not recorded')}, flags {machine.get('cpu_flags', 'not recorded')}, "
-                     f"MKL_CBWR {machine.get('mkl_cbwr')}) {machine.get('cpu_capability', '')}"
+                     f"MKL_CBWR {machine.get('mkl_cbwr', 'not recorded') or 'unset'}) "
+                     f"{machine.get('cpu_capability', '')}"
                      f" {machine.get('packages', '')}; stage seconds {seconds}")
     return lines
 
