@@ -58,6 +58,10 @@ CONFIG = {
     # 7 more development QSM CMBs reached), but the student trained on its candidates stopped after one epoch and
     # the development set went 506 of 594 CMBs with 138 FP -> 502 with 141 (QSM +5, T2* -9); stage 1 + mining
     # 40 min instead of 20 (docs/model_history.md).
+    # Tried for 1.9.1 and NOT shipped (2026-12-06): teacher and student patches of 32^3 voxels (25.6 mm) instead of
+    # 24^3, so that stage 2 sees more of the vein a candidate sits on (1.8.1's stage 1 and candidates). Student
+    # validation loss 0.292 (best epoch 3 of 7) vs 0.317, but the development set went 506 of 594 CMBs with 138 FP
+    # -> 494 with 133 (SWI 182, T2* 162, QSM 150); teacher + student 25 min instead of 9.
     "stage1_width": 8,
     # Step budgets (not time budgets) so that a rerun trains the same number of steps on any machine; the
     # minute limits are only a safety net. The lr decays x0.1 every 2 epochs (paper), so an epoch must be

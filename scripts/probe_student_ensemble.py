@@ -1,7 +1,7 @@
 """Experiment probe: would averaging the students of several trainings help?
 
 ``python scripts/probe_student_ensemble.py BASE OTHER [OTHER ...]`` runs BASE (features, stage 1, candidates at
-``Th_Cdet`` 0.4 or ``--th-det``, with BASE's post-processing) on the 72-scan development set, scores every kept
+``Th_Cdet`` 0.4 or ``--th-det``, with BASE's post-processing) on the development set, scores every kept
 candidate with each package's student (test-time flips on) and with the averages of the students, and prints,
 per modality, the most CMBs found at <= 1 FP/scan over a ``Th_Cdisc`` sweep. Every OTHER must share BASE's
 stage 1 (e.g. a ``train_variant.py`` run without ``--retrain-stage1``), so all students see the same candidates.
@@ -51,9 +51,12 @@ class TeacherClassifier(torch.nn.Module):
 
 def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage],
                 with_teacher: bool = False, th_det: float = TH_DET) -> list[dict]:
-    students = {name: package.network("student", "cpu").eval() for name, package in packages.items()}
+    # each scorer reads patches of its own size (a package may train its student on other patches than BASE's)
+    students = {name: (package.network("student", "cpu").eval(), package.patch_size("student"))
+                for name, package in packages.items()}
     if with_teacher:
-        students[f"{base.label}-teacher"] = TeacherClassifier(base.network("teacher", "cpu")).eval()
+        students[f"{base.label}-teacher"] = (TeacherClassifier(base.network("teacher", "cpu")).eval(),
+                                             base.patch_size("teacher"))
     rows = []
     cases = development_cases(dev, DEV_PER_CELL)
     for number, (case, image, instances_path, modality) in enumerate(cases, start=1):
@@ -71,11 +74,12 @@ def score_scans(dev: Path, base: ModelPackage, packages: dict[str, ModelPackage]
         if kept:
             centres = np.round(ras_to_working_index(session.features.grid,
                                                     np.array([c.centroid_ras for c in kept])))
-            patches = extract_patches(session.features.channels, centres, base.patch_size("student"))
-            batch = torch.from_numpy(np.ascontiguousarray(patches, dtype=np.float32))
+            batches = {size: torch.from_numpy(np.ascontiguousarray(
+                extract_patches(session.features.channels, centres, size), dtype=np.float32))
+                for size in {size for _, size in students.values()}}
             with torch.no_grad():
-                for name, student in students.items():
-                    scores[name] = student_probabilities(student, batch, flips=True).numpy().tolist()
+                for name, (student, size) in students.items():
+                    scores[name] = student_probabilities(student, batches[size], flips=True).numpy().tolist()
         rows.append({"modality": modality, "hits": hits, "scores": scores})
         print(f"[{number}/{len(cases)}] {case}: {len(kept)} candidates", flush=True)
     return rows
