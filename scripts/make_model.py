@@ -62,6 +62,9 @@ CONFIG = {
     # 24^3, so that stage 2 sees more of the vein a candidate sits on (1.8.1's stage 1 and candidates). Student
     # validation loss 0.292 (best epoch 3 of 7) vs 0.317, but the development set went 506 of 594 CMBs with 138 FP
     # -> 494 with 133 (SWI 182, T2* 162, QSM 150); teacher + student 25 min instead of 9.
+    # Tried for 1.9.2 and NOT shipped (same day): 1.9.0's width-16 stage 1 with the stage-2 candidates mined at th_det
+    # 0.2 (the deployed Th_Cdet) instead of 0.5 (1159 training candidates instead of 915): the student trains
+    # through its epochs, but the development set went 506 with 138 FP -> 501 with 132 (SWI 180, T2* 160, QSM 161).
     "stage1_width": 8,
     # Step budgets (not time budgets) so that a rerun trains the same number of steps on any machine; the
     # minute limits are only a safety net. The lr decays x0.1 every 2 epochs (paper), so an epoch must be
