@@ -127,6 +127,21 @@ def test_vessel_context_adds_the_image_before_vessel_suppression():
         compute_features(volume, "swi", vessel_suppression=False, vessel_context=True)
 
 
+def test_thick_slices_interpolated_to_the_models_largest_spacing_keep_the_cmbs():
+    volume, brain, cmbs, vein = _phantom()                       # 3 mm slices
+    native = compute_features(volume, "swi")
+    fine = compute_features(volume, "swi", max_spacing_mm=1.7)   # 3 mm -> 2 x 1.5 mm
+    _check_basic(fine, volume)
+    assert native.spacing_zyx[0] == pytest.approx(3.0) and fine.spacing_zyx[0] == pytest.approx(1.5)
+    assert fine.spacing_zyx[1:] == pytest.approx(native.spacing_zyx[1:])
+    assert fine.grid.full_size[2] == 2 * native.grid.full_size[2] - 1   # every native slice, one between each two
+    for cmb in cmbs:                     # still the bright, radially symmetric spots of the native features
+        k, j, i = _working_index(fine, cmb)
+        window = fine.channels[:, k - 1:k + 2, j - 2:j + 3, i - 2:i + 3]
+        assert window[0].max() > np.percentile(fine.channels[0][fine.brain_mask], 99)
+        assert window[1].max() > np.percentile(fine.channels[1][fine.brain_mask], 99)
+
+
 def test_qsm_with_given_mask_is_not_inverted_and_skips_n4():
     volume, brain, cmbs, _ = _phantom(skull=False, qsm=True)
     mask = volume.with_array(brain.astype(np.uint8))

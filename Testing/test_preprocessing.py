@@ -260,7 +260,8 @@ def test_qsm_compression_keeps_how_paramagnetic_a_bright_spot_is():
     assert feature_settings({})["qsm_scaling"] == LEGACY_QSM_SCALING == "clip"
     assert feature_settings({"qsm_scaling": "compress", "working_spacing_mm": 0.7}) == {
         "working_spacing_mm": 0.7, "vessel_suppression": True, "qsm_scaling": "compress", "brain_mask": "otsu",
-        "vessel_context": False}
+        "vessel_context": False, "max_spacing_mm": None}
+    assert feature_settings({"max_spacing_mm": 1.6})["max_spacing_mm"] == 1.6
 
 
 @pytest.mark.parametrize("name", sorted(GEOMETRIES))
@@ -326,3 +327,35 @@ def test_brain_mask_method_per_modality():
         brain_mask_method({"swi": "otsu-hull", "t2s": "otsu"}, "swi")
     with pytest.raises(ValueError, match="brain mask method"):
         brain_mask_method({**per_modality, "swi": "bet"}, "swi")
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_thick_slices_interpolated_to_a_cap_keep_every_native_slice(name):
+    direction, spacing = GEOMETRIES[name]
+    size = (40, 36, 12)
+    native = ScanGrid.from_image(_image(size, spacing, direction), working_spacing_mm=0.8)
+    grid = ScanGrid.from_image(_image(size, spacing, direction), working_spacing_mm=0.8, max_spacing_mm=1.6)
+    thick = int(np.argmax(spacing))                       # input axis (i, j, k) of the thick slices
+    factor = int(np.ceil(spacing[thick] / 1.6 - 0.03))    # 3 mm -> 2 x 1.5 mm, 4 mm -> 3 x 1.33 mm
+    assert grid.resampled and max(grid.spacing) <= 1.6
+    np.testing.assert_allclose(sorted(grid.spacing), sorted([s if s < 1.6 else s / factor for s in spacing]))
+    slices = factor * (size[thick] - 1) + 1              # first and last working slices are native ones
+    assert np.prod(grid.working_shape) == np.prod(native.working_shape) // size[thick] * slices
+    # every native slice is a working slice: a one-slice object maps back onto exactly its slice
+    array = np.zeros(size[::-1], np.float32)
+    index = [20, 18, 6]
+    index[thick] = 5
+    array[tuple(index[::-1])] = 100.0
+    working = grid.to_working(_image(size, spacing, direction, array=array), sitk.sitkLinear)
+    assert working.max() == pytest.approx(100.0, rel=1e-4)          # the native voxel itself, not a blend
+    back = grid.labels_to_input((working > 99).astype(np.uint8))
+    np.testing.assert_array_equal(np.argwhere(back), [index[::-1]])
+    # the values between two native slices are interpolated, not copied
+    assert ((working > 1) & (working < 99)).any()
+
+
+def test_a_cap_below_the_working_spacing_is_refused():
+    from CMBDetectLib.errors import InputError
+
+    with pytest.raises(InputError, match="largest working spacing"):
+        ScanGrid.from_image(_image((8, 8, 4), (0.8, 0.8, 3.0), np.eye(3)), working_spacing_mm=0.8, max_spacing_mm=0.5)

@@ -408,6 +408,11 @@ def test_features_cached_before_vessel_context_existed_stay_valid() -> None:
         feature_cache_key("abc", "swi", settings)
     assert feature_cache_key("abc", "swi", {**settings, "vessel_context": True}) != \
         feature_cache_key("abc", "swi", settings)
+    # the same for native thick slices (max_spacing_mm None) against interpolated ones
+    assert feature_cache_key("abc", "swi", {**settings, "max_spacing_mm": None}) == \
+        feature_cache_key("abc", "swi", settings)
+    assert feature_cache_key("abc", "swi", {**settings, "max_spacing_mm": 1.7}) != \
+        feature_cache_key("abc", "swi", settings)
 
 
 def test_a_fine_tuned_model_keeps_its_parents_qsm_scaling(dataset: Path, cache: Path, tmp_path: Path) -> None:

@@ -88,7 +88,9 @@ def feature_settings(preprocessing: dict) -> dict:
 
     A key a package does not record takes the value the packages of its time were trained with.
     """
+    max_spacing = preprocessing.get("max_spacing_mm")
     return {"working_spacing_mm": float(preprocessing.get("working_spacing_mm", 0.8)),
+            "max_spacing_mm": None if max_spacing is None else float(max_spacing),
             "vessel_suppression": bool(preprocessing.get("vessel_suppression", True)),
             "qsm_scaling": str(preprocessing.get("qsm_scaling", LEGACY_QSM_SCALING)),
             "brain_mask": brain_mask_setting(preprocessing.get("brain_mask", LEGACY_BRAIN_MASK)),
@@ -104,7 +106,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
                      working_spacing_mm: float = 0.8, vessel_suppression: bool = True,
                      progress: ProgressCallback | None = None, crop: bool = True,
                      qsm_scaling: str = "compress", brain_mask: str | Mapping[str, str] = "otsu",
-                     vessel_context: bool = False) -> ScanFeatures:
+                     vessel_context: bool = False, max_spacing_mm: float | None = None) -> ScanFeatures:
     """Preprocess ``volume`` into the network input (see module docstring).
 
     ``mask``: an optional brain mask on the image grid (non-zero = brain); estimated when ``None``.
@@ -112,6 +114,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     ``brain_mask``: how the mask is estimated when none is given (``preprocessing.BRAIN_MASK_METHODS``), one
     method or one per modality (``preprocessing.brain_mask_method``).
     ``vessel_context``: add the image before vessel suppression as a third channel (needs suppression).
+    ``max_spacing_mm``: interpolate thick slices to this spacing (``None``: keep them native).
     """
     report = progress or no_progress
     timings: dict[str, float] = {}
@@ -133,7 +136,7 @@ def compute_features(volume: Volume, modality: str, mask: Volume | None = None,
     validate_image(volume)
     mask_bool = validate_mask(mask, volume) if mask is not None else None
     image = volume_to_sitk(volume.with_array(np.asarray(volume.array, dtype=np.float32)))
-    grid = ScanGrid.from_image(image, working_spacing_mm)
+    grid = ScanGrid.from_image(image, working_spacing_mm, max_spacing_mm)
     lap("validate")
 
     report(0.05, "Resampling to the working grid")

@@ -58,20 +58,36 @@ class ScanGrid:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_image(cls, image: sitk.Image, working_spacing_mm: float = 0.8) -> ScanGrid:
+    def from_image(cls, image: sitk.Image, working_spacing_mm: float = 0.8,
+                   max_spacing_mm: float | None = None) -> ScanGrid:
+        """``max_spacing_mm``: an axis coarser than this (thick slices) is interpolated by the smallest whole
+        factor that brings it to or below it, keeping every native slice as a working slice (so candidates map
+        back onto the acquired slices exactly); ``None`` keeps thick slices native."""
         if working_spacing_mm <= 0:
             raise InputError(f"the working spacing must be positive, got {working_spacing_mm}")
+        if max_spacing_mm is not None and max_spacing_mm < working_spacing_mm:
+            raise InputError(f"the largest working spacing ({max_spacing_mm} mm) must not be below the working "
+                             f"spacing ({working_spacing_mm} mm)")
         size, spacing, origin, direction = _geometry_of(image)
         # DICOMOrient only permutes/flips axes (no interpolation); run it on a byte image with the same
         # geometry to learn the oriented grid without copying the voxels.
         oriented = sitk.DICOMOrient(_reference_image(size, spacing, origin, direction), "LPS")
         o_size, o_spacing, o_origin, o_direction = _geometry_of(oriented)
-        needs = o_spacing < working_spacing_mm * (1.0 - _NATIVE_TOLERANCE)
-        w_spacing = np.where(needs, working_spacing_mm, o_spacing)
+        fine = o_spacing < working_spacing_mm * (1.0 - _NATIVE_TOLERANCE)
+        coarse = (np.zeros(3, dtype=bool) if max_spacing_mm is None
+                  else o_spacing > max_spacing_mm * (1.0 + _NATIVE_TOLERANCE))
+        needs = fine | coarse
         o_size_arr = np.array(o_size, dtype=float)
-        w_size = np.where(needs, np.maximum(1, np.round(o_size_arr * o_spacing / w_spacing)), o_size_arr)
+        w_spacing = np.where(fine, working_spacing_mm, o_spacing)
+        w_size = np.where(fine, np.maximum(1, np.round(o_size_arr * o_spacing / working_spacing_mm)), o_size_arr)
         # Keep the field-of-view centre where it was.
         shift = (o_size_arr - 1) / 2 * o_spacing - (w_size - 1) / 2 * w_spacing
+        if coarse.any():
+            factor = np.ceil(o_spacing / (max_spacing_mm or 1.0) - _NATIVE_TOLERANCE)
+            w_spacing = np.where(coarse, o_spacing / factor, w_spacing)
+            # first and last working slices on the first and last native ones: no extrapolation
+            w_size = np.where(coarse, factor * (o_size_arr - 1) + 1, w_size)
+            shift = np.where(coarse, 0.0, shift)
         w_origin = o_origin + o_direction @ shift
         return cls(size, tuple(spacing), tuple(origin), tuple(direction.ravel()), o_size,
                    tuple(int(s) for s in w_size), tuple(float(s) for s in w_spacing),

@@ -92,6 +92,7 @@ class TrainingConfig:
     inference_patch_size: int = 48            # stage-1 sliding-window ROI written to model.json
     # preprocessing (must match inference: written to model.json)
     working_spacing_mm: float = 0.8
+    max_spacing_mm: float | None = None       # thick slices interpolated to this spacing (None: native)
     vessel_suppression: bool = True
     qsm_scaling: str = "compress"             # preprocessing.QSM_SCALINGS ("clip": packages up to 1.4.0)
     brain_mask: str | dict[str, str] = "otsu"  # preprocessing.BRAIN_MASK_METHODS, or one per modality

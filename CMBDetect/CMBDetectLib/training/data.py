@@ -115,6 +115,9 @@ def feature_cache_key(image_sha256: str, modality: str, preprocessing: dict) -> 
         from CMBDetectLib.preprocessing import brain_mask_method
 
         preprocessing = {**preprocessing, "brain_mask": brain_mask_method(preprocessing["brain_mask"], modality)}
+    if preprocessing.get("max_spacing_mm") is None:
+        # Native thick slices are how every feature was made before the setting existed.
+        preprocessing = {k: v for k, v in preprocessing.items() if k != "max_spacing_mm"}
     if not preprocessing.get("vessel_context", False):
         # Off is how every feature was made before the setting existed: those cached features stay valid.
         preprocessing = {k: v for k, v in preprocessing.items() if k != "vessel_context"}

@@ -158,7 +158,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     device = select_device(settings.device)
 
     base = ModelPackage.load(init_model) if init_model is not None else None
-    preprocessing = {"working_spacing_mm": settings.working_spacing_mm,
+    preprocessing = {"working_spacing_mm": settings.working_spacing_mm, "max_spacing_mm": settings.max_spacing_mm,
                      "vessel_suppression": settings.vessel_suppression, "qsm_scaling": settings.qsm_scaling,
                      "brain_mask": settings.brain_mask, "vessel_context": settings.vessel_context,
                      "overlap": settings.overlap, "evidence_threshold": settings.evidence_threshold}
@@ -169,6 +169,7 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         preprocessing.update(feature_settings(base.preprocessing))
         settings = dataclasses.replace(
             settings, working_spacing_mm=float(preprocessing["working_spacing_mm"]),
+            max_spacing_mm=preprocessing["max_spacing_mm"],
             vessel_suppression=bool(preprocessing["vessel_suppression"]),
             qsm_scaling=str(preprocessing["qsm_scaling"]), brain_mask=preprocessing["brain_mask"],
             vessel_context=bool(preprocessing["vessel_context"]),
