@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py --out $(DEMO_DIR)
 
 model: $(STAMP)
-	$(PY) scripts/make_model.py
+	MKL_CBWR=AVX2 $(PY) scripts/make_model.py
 
 evaluate: $(STAMP)
 	$(PY) scripts/evaluate_model.py
