@@ -49,3 +49,18 @@ def test_a_test_set_is_extended_without_touching_its_scans(tmp_path: Path, monke
     (predictions / f"{evaluate_model.image_stem(images[1])}_cmb.nii.gz").unlink()
     with pytest.raises(SystemExit, match="no prediction"):
         evaluate_model.evaluate_selected(predictions, data, images)
+
+
+def test_the_report_splits_scans_by_modality_and_slice_thickness() -> None:
+    from types import SimpleNamespace
+
+    cases = {"synth_qsm_00801": ("qsm", 5.0), "synth_swi_00000": ("swi", 1.0), "synth_qsm_00800": ("qsm", 5.0),
+             "synth_swi_00100": ("swi", 3.0), "synth_t2s_00300": ("t2s", 1.0)}
+    info = {case: {"modality": modality, "slice_mm": thickness} for case, (modality, thickness) in cases.items()}
+    report = SimpleNamespace(scans=[SimpleNamespace(case=case, modality=modality)
+                                    for case, (modality, _) in cases.items()])
+    cells = evaluate_model.by_cell(report, info)
+    assert list(cells) == ["swi 1 mm", "swi 3 mm", "t2s 1 mm", "qsm 5 mm"]      # the generator's cell order
+    assert [scan.case for scan in cells["qsm 5 mm"]] == ["synth_qsm_00800", "synth_qsm_00801"]
+    info.pop("synth_t2s_00300")                                    # no review: modality of the scan, size unknown
+    assert "t2s ? mm" in evaluate_model.by_cell(report, info)

@@ -248,6 +248,18 @@ def grouped(report, info: dict[str, dict]) -> dict[str, list]:
     return groups
 
 
+def by_cell(report, info: dict[str, dict]) -> dict[str, list]:
+    """The scans of each modality x slice-thickness cell ("qsm 5 mm"), in the generator's cell order: where a
+    modality falls short, this says on which slices."""
+    cells: dict[str, list] = {}
+    for scan in sorted(report.scans, key=lambda s: case_index(s.case)):
+        meta = info.get(scan.case, {})
+        thickness = meta.get("slice_mm")
+        size = f"{round(thickness, 1):g} mm" if isinstance(thickness, (int, float)) else "? mm"
+        cells.setdefault(f"{meta.get('modality', scan.modality)} {size}", []).append(scan)
+    return cells
+
+
 def operating_point(model: ModelPackage) -> str:
     calibration = model.manifest.get("calibration")
     if not calibration:
@@ -353,6 +365,7 @@ def main() -> int:
              f"{detection_time_text(seconds)}.", "",
              "## Learned pipeline (after post-processing)", *table(learned_groups), "", CI_NOTE, "",
              "## Against the targets (issue 3)", *target_lines(learned_groups), "",
+             "## Per modality and slice thickness", *table(by_cell(learned, info)), "",
              "## Per stage (like the paper's Table 2; candidates matched by centroid)", *stage_table(learned), "",
              "## Where CMBs and false candidates are removed",
              "A CMB counts where the furthest of its candidates stopped; a false candidate where it was removed.",
