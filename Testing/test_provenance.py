@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from CMBDetectLib.training.provenance import KERNEL_FLAGS, data_digests, machine_record
+from CMBDetectLib.training.provenance import KERNEL_FLAGS, data_digests, machine_record, numpy_simd
 
 
 @dataclass
@@ -74,3 +78,17 @@ def test_machine_record_names_the_cpu_and_the_numeric_libraries() -> None:
         if lines:
             flags = set(lines[0].split(":", 1)[1].split())
             assert record["cpu_flags"] == [flag for flag in KERNEL_FLAGS if flag in flags]
+
+
+def test_machine_record_names_the_simd_level_numpy_dispatches_to() -> None:
+    """It shapes the generated images, so a rerun elsewhere must be able to tell it; a subprocess with the top
+    level switched off (as on a CPU without it) records one level less."""
+    found = numpy_simd()
+    assert machine_record()["numpy_simd"] == found
+    if not found:
+        pytest.skip("numpy dispatches to no SIMD target above its baseline on this CPU")
+    code = "from CMBDetectLib.training.provenance import numpy_simd; print(','.join(numpy_simd()))"
+    env = {**os.environ, "NPY_DISABLE_CPU_FEATURES": found[-1],
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "CMBDetect")}
+    lower = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
+    assert [target for target in lower.stdout.strip().split(",") if target] == found[:-1]

@@ -240,7 +240,7 @@ def where_runs_part(new: Path, installed: Path) -> list[str]:
         lines.append(f"  {label}: {machine.get('cpu', 'CPU not recorded')} (family/model/stepping "
                      f"{machine.get('cpu_model', 'not recorded')}, flags {machine.get('cpu_flags', 'not recorded')}, "
                      f"MKL_CBWR {machine.get('mkl_cbwr', 'not recorded') or 'unset'}) "
-                     f"{machine.get('cpu_capability', '')}"
+                     f"{machine.get('cpu_capability', '')}, numpy SIMD {machine.get('numpy_simd', 'not recorded')}"
                      f" {machine.get('packages', '')}; stage seconds {seconds}")
     return lines
 
