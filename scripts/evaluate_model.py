@@ -234,16 +234,22 @@ def target_lines(groups: dict[str, list]) -> list[str]:
     return lines
 
 
+def _modality(scan, info: dict[str, dict]) -> str:
+    return f"{info.get(scan.case, {}).get('modality', scan.modality)}"
+
+
+def _slices(scan, info: dict[str, dict]) -> str | None:
+    """The scan's slice thickness as "3 mm", or None where its review does not say."""
+    thickness = info.get(scan.case, {}).get("slice_mm")
+    return f"{round(thickness, 1):g} mm" if isinstance(thickness, (int, float)) else None
+
+
 def grouped(report, info: dict[str, dict]) -> dict[str, list]:
     groups: dict[str, list] = {}
     for scan in report.scans:
-        meta = info.get(scan.case, {})
-        groups.setdefault(f"{meta.get('modality', scan.modality)}", []).append(scan)
+        groups.setdefault(_modality(scan, info), []).append(scan)
     for scan in report.scans:
-        meta = info.get(scan.case, {})
-        thickness = meta.get("slice_mm")
-        key = f"slices {round(thickness, 1):g} mm" if isinstance(thickness, (int, float)) else "slices ?"
-        groups.setdefault(key, []).append(scan)
+        groups.setdefault(f"slices {_slices(scan, info) or '?'}", []).append(scan)
     groups["all"] = list(report.scans)
     return groups
 
@@ -253,10 +259,7 @@ def by_cell(report, info: dict[str, dict]) -> dict[str, list]:
     modality falls short, this says on which slices."""
     cells: dict[str, list] = {}
     for scan in sorted(report.scans, key=lambda s: case_index(s.case)):
-        meta = info.get(scan.case, {})
-        thickness = meta.get("slice_mm")
-        size = f"{round(thickness, 1):g} mm" if isinstance(thickness, (int, float)) else "? mm"
-        cells.setdefault(f"{meta.get('modality', scan.modality)} {size}", []).append(scan)
+        cells.setdefault(f"{_modality(scan, info)} {_slices(scan, info) or '? mm'}", []).append(scan)
     return cells
 
 

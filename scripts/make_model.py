@@ -8,9 +8,10 @@
    ``--force``), and train + calibrate the no-KD ablation student used by ``make evaluate``.
 
 Budgets are set so the whole run fits in under 2 hours on a 2-core CPU (the issue's limit). 1.9.4, estimated from
-its stage times on the 2-core AMD EPYC (not measured in one piece): data 6 min, features 14 (thick slices
-interpolated), stage 1 12, mining at th_det 0.2 about 15, teacher 2, student 7, calibration 25, and the ablation
-student 7 + its calibration 25: about 1.9 h in all;
+its stage times on an idle 2-core AMD EPYC: data 6 min, features 14 (thick slices interpolated), stage 1 12, mining
+at th_det 0.2 about 15, teacher 2, student 7, calibration 25, and the ablation student 7 + its calibration 25: about
+1.9 h in all. Run in one piece once (2026-12-07) while other jobs shared the two cores: 2.3 h to the calibrated
+model, calibration alone 73 min (docs/model_history.md);
 ``--quick`` is a smoke test.
 """
 

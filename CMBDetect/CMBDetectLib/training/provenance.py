@@ -61,9 +61,16 @@ def _cpu_model(info: dict[str, str]) -> str | None:
     return "/".join(info.get(key, "?") for key in ("cpu family", "model", "stepping"))
 
 
-def numpy_simd() -> list[str]:
-    """The SIMD targets numpy dispatches to on this machine (after ``NPY_DISABLE_CPU_FEATURES``)."""
-    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+def numpy_simd() -> list[str] | None:
+    """The SIMD targets numpy dispatches to on this machine (after ``NPY_DISABLE_CPU_FEATURES``); None where this
+    numpy does not say (its private module moved between 1.x and 2.x, and Slicer may ship either)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+        except ImportError:
+            return None
     return [target for target in __cpu_dispatch__ if __cpu_features__.get(target)]
 
 
