@@ -560,3 +560,57 @@ def test_train_init_without_out_registers_a_new_version(tmp_path, tiny_model):
     assert json.dumps(manifest).count(tiny_model.sha256) >= 1, "parent provenance missing"
     assert final, "the json progress must end with a result line"
     assert (tiny_model.path / "model.json").is_file(), "the parent package must stay untouched"
+
+
+def test_a_candidate_teacher_learns_false_candidates_with_their_candidate_label(cases: list) -> None:
+    """``teacher_candidates``: negatives come from the false stage-1 candidates first, and a candidate patch is
+    labelled as the student's is (by its candidate label), not by the CMB voxels near its centre."""
+    from CMBDetectLib.candidates import extract_patches
+    from CMBDetectLib.training.sampling import PatchItem, TeacherSampler
+
+    case_index = next(i for i, c in enumerate(cases) if c.n_cmbs)
+    on_cmb = np.asarray(cases[case_index].cmb_voxels[0][0])
+    # a "false" candidate sitting on a CMB voxel: only its candidate label can make it negative
+    candidates = [PatchItem(case_index, on_cmb, 0, "stage1", ())]
+    still = AugmentationConfig(translation_voxels=0).disabled()
+    matched = TeacherSampler(cases, [case_index], candidates, 16, 2, np.random.default_rng(0), 1.0)
+    x, _, classes = matched.sample(np.random.default_rng(1), 6, 0.0, still)
+    assert classes.tolist() == [0] * 6
+    expected = extract_patches(cases[case_index].channels, on_cmb[None], 16)[0]
+    assert all(np.array_equal(patch, expected) for patch in x)
+    # the 1.9.4 teacher: the same candidate is one pool among several, labelled by its central cube
+    legacy = TeacherSampler(cases, [case_index], candidates, 16, 2, np.random.default_rng(0))
+    x, _, classes = legacy.sample(np.random.default_rng(1), 64, 0.0, still)
+    from_candidate = [bool(np.array_equal(patch, expected)) for patch in x]
+    assert 0 < sum(from_candidate) < 48
+    assert all(label == 1 for label, hit in zip(classes, from_candidate) if hit)
+
+
+def test_a_candidate_teacher_keeps_the_weights_best_on_the_validation_candidates(dataset: Path, cache: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The teacher checkpoint kept is chosen by its classifier's balanced CE on the student's validation
+    candidates: recomputed here from the saved package and the mined candidates."""
+    from CMBDetectLib.model_package import ModelPackage
+    from CMBDetectLib.training.mining import ground_truth_items
+    from CMBDetectLib.training.sampling import CandidateSampler, PatchItem
+    from CMBDetectLib.training.stages import balanced_cross_entropy
+
+    config = tiny_config(cache, teacher_candidates=True, th_det=0.01, evidence_threshold=-1.0,
+                         teacher=tiny_stage(epochs=3, steps_per_epoch=4))
+    package = train_model([dataset], tmp_path / "tc", config, seed=2)
+    training = package.manifest["training"]
+    assert training["config"]["teacher_candidates"] is True
+    cases = load_training_cases([dataset], PREPROCESSING, cache_dir=cache)
+    names = [c.case for c in cases]
+    validation = {names.index(name) for name in training["cases"]["validation"]}
+    stored = json.loads((tmp_path / "tc.work" / "candidates.json").read_text())
+    items = [PatchItem(i["case"], np.asarray(i["centre"]), i["label"], i["source"], tuple(i["cmbs"]))
+             for r in stored["results"] for i in r["items"] if i["case"] in validation]
+    if not any(i.label == 1 for i in items):   # what train_model does when stage 1 found no validation CMB
+        items += ground_truth_items(cases, sorted(validation))
+    assert any(i.label == 1 for i in items) and any(i.label == 0 for i in items)
+    x, y = CandidateSampler(cases, items, 16).all_patches()
+    teacher = ModelPackage.load(tmp_path / "tc").network("teacher").eval()
+    with torch.no_grad():
+        loss = float(balanced_cross_entropy(teacher.classify(torch.from_numpy(x)), torch.from_numpy(y)))
+    assert loss == pytest.approx(training["stages"]["teacher"]["best_validation"], rel=1e-5)

@@ -177,6 +177,16 @@ CONFIG = {
     # left that plateau: 1.5.0's CE-only ablation at seed 1000, lr 1e-3, train loss 0.68 -> 0.62 (chance 0.69);
     # the same run with eps 1e-8: 0.54 -> 0.20 from the first epoch. The first from-scratch 1.7.0 run (eps 1e-4,
     # lr 3e-4) had failed the same way (0.91 -> 0.83; 180 of 271 development CMBs) and was not installed.
+    # Tried for 1.10.0 and NOT shipped (2026-12-07; the 1.9.4 rerun's stage 1 and candidates, scripts/train_variant.py):
+    # teacher_candidates (the teacher's classifier trained on 3/4 false stage-1 candidates among its negatives, labelled
+    # as the student's, and its checkpoint chosen by balanced CE on the validation candidates) with the teacher 8 x 200
+    # steps, lr decay every 3. On the validation candidates the teacher went from balanced CE 0.46 / AUC 0.959 (false
+    # candidates called 41 % CMB on average) to 0.23 / 0.973 (18 %), its KD student from 0.28 / 0.961 to 0.19 / 0.975;
+    # the CE-only student of the same stage 1 has 0.155 / 0.986. Development set 531 of 594 CMBs with 137 FP (the KD
+    # student it replaces: 519 with 127; CE-only: 538 with 111): more CMBs but more FP, so it failed the rule set
+    # before its numbers (> 519 CMBs with <= 127 FP). 1.10.1, the same teacher optimised like the student (lr 3e-4, Adam
+    # eps 1e-8, batch 16), reached the same balanced CE (0.231) and was stopped there. The teacher's feature extractor
+    # is stage 1's (width 8) while this student's is width 16: it cannot teach more than the student learns alone.
     "student": {"epochs": 8, "steps_per_epoch": 200, "lr": 3e-4, "adam_eps": 1e-8, "lr_decay_every": 3,
                 "max_minutes": 40.0, "patience": 4, "augmentation": {"flip_probability": 0.5}},
 }

@@ -104,6 +104,12 @@ class TrainingConfig:
     th_disc: float | None = None              # None: chosen on the validation candidates (best F1)
     # teacher / student
     central_radius: int = 4                   # a patch is CMB-positive if its central (2r+1)^3 holds a CMB
+    # True: the teacher's classifier learns and is chosen on what the student classifies: 3/4 of its negatives
+    # are false stage-1 candidates (False: 1/4, with mimics, hard negatives and random brain as the rest),
+    # candidate patches carry their candidate label, and the checkpoint kept is the one whose classifier has
+    # the lowest balanced CE on the validation candidates (False: the lowest multi-task loss). With False the
+    # 1.9.4 teacher called false candidates 41 % CMB on average and its KD student lost to a CE-only one.
+    teacher_candidates: bool = False
     distillation: bool = True                 # False: the paper's no-KD ablation (alpha=1, beta=0)
     alpha: float = 0.4
     beta: float = 0.6

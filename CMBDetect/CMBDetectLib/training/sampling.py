@@ -4,7 +4,8 @@
   the Table 1 translation), the rest are centred on random brain voxels;
 * teacher: 24^3 patches labelled CMB when their central ``(2r+1)^3`` cube holds a CMB voxel; positives
   around CMBs and true stage-1 candidates, negatives from false stage-1 candidates, reviewers' hard
-  negatives / synthetic mimics, voxels with high radial symmetry (CMB look-alikes) and random brain;
+  negatives / synthetic mimics, voxels with high radial symmetry (CMB look-alikes) and random brain
+  (``teacher_candidates``: mostly false stage-1 candidates, candidate patches labelled as the student's);
 * student: patches centred on stage-1 candidates (what it classifies at inference), plus hard
   negatives and, optionally, the CMBs stage 1 missed.
 """
@@ -137,8 +138,13 @@ class TeacherSampler:
     """Balanced positive / negative 24^3 patches for the multi-task teacher."""
 
     def __init__(self, cases: list[TrainingCase], indices: list[int], candidates: list[PatchItem],
-                 patch_size: int, central_radius: int, rng: np.random.Generator) -> None:
+                 patch_size: int, central_radius: int, rng: np.random.Generator,
+                 candidate_negative_share: float | None = None) -> None:
+        """``candidate_negative_share``: None draws negatives evenly from the pools below (and random brain);
+        a share in [0, 1] draws that share from the false stage-1 candidates first, the student's negatives,
+        and labels every candidate patch by its candidate label, as the student's are."""
         self.cases = cases
+        self.candidate_negative_share = candidate_negative_share
         self.indices = list(indices)
         self.patch_size = patch_size
         self.central_radius = central_radius
@@ -151,6 +157,9 @@ class TeacherSampler:
                        for i in self.indices for p in high_evidence_voxels(cases[i], rng=rng)]
 
     def _negative(self, rng: np.random.Generator) -> PatchItem:
+        share = self.candidate_negative_share
+        if share is not None and self.candidate_negatives and rng.random() < share:
+            return self.candidate_negatives[rng.integers(len(self.candidate_negatives))]
         pools = [pool for pool in (self.candidate_negatives, self.hard_negatives, self.mimics) if pool]
         if pools and rng.random() < 0.75:
             pool = pools[rng.integers(len(pools))]
@@ -179,7 +188,8 @@ class TeacherSampler:
             channels, labels = random_symmetry(rng, augmentation, channels, labels)
             xs.append(augment_patch(channels, rng, augmentation))
             ys.append(labels)
-            classes.append(central_label(labels, self.central_radius))
+            candidate_label = self.candidate_negative_share is not None and item.label >= 0
+            classes.append(item.label if candidate_label else central_label(labels, self.central_radius))
         return np.stack(xs), np.stack(ys), np.array(classes, dtype=np.int64)
 
 

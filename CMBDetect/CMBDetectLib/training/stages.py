@@ -73,15 +73,21 @@ def train_segmentation_stage(network: nn.Module, cases: list[TrainingCase], trai
 def train_teacher_stage(teacher: TeacherNet, cases: list[TrainingCase], train: list[int],
                         validation: list[int], candidates: list[PatchItem], settings: TrainingConfig, *,
                         seed: int, device: torch.device, checkpoint: Path | None, log: JsonLinesLog,
-                        progress: ProgressCallback | None, cancel) -> StageResult:
-    """Teacher: multi-task (segmentation + patch classification) on 24^3 patches."""
+                        progress: ProgressCallback | None, cancel,
+                        validation_candidates: list[PatchItem] | None = None) -> StageResult:
+    """Teacher: multi-task (segmentation + patch classification) on 24^3 patches.
+
+    With ``settings.teacher_candidates`` it is validated (early stopping, the checkpoint kept) by the balanced
+    CE of its classifier on ``validation_candidates``, the student's validation patches.
+    """
     config = settings.teacher
     loss_function = TeacherLoss().to(device)
     teacher.to(device)
+    share = 0.75 if settings.teacher_candidates else None
     sampler = TeacherSampler(cases, train, candidates, config.patch_size, settings.central_radius,
-                             np.random.default_rng([seed, 201]))
+                             np.random.default_rng([seed, 201]), share)
     validation_sampler = TeacherSampler(cases, validation, candidates, config.patch_size,
-                                        settings.central_radius, np.random.default_rng([seed, 202]))
+                                        settings.central_radius, np.random.default_rng([seed, 202]), share)
     val_x, val_y, val_c = validation_sampler.sample(np.random.default_rng([seed, 203]),
                                                     config.validation_patches, config.positive_fraction,
                                                     config.augmentation.disabled())
@@ -98,8 +104,20 @@ def train_teacher_stage(teacher: TeacherNet, cases: list[TrainingCase], train: l
 
         return _batched_mean(loss, len(val_x), config.batch_size)
 
+    # a checkpoint of the other kind of teacher is not resumed
+    fingerprint = {"teacher_candidates": True} if settings.teacher_candidates else None
+    if settings.teacher_candidates and validation_candidates:
+        cand_x, cand_y = CandidateSampler(cases, validation_candidates, config.patch_size).all_patches(
+            settings.student.validation_patches, np.random.default_rng([seed, 301]))
+
+        def validate_on_candidates(model: nn.Module) -> float:
+            logits = torch.cat([model.classify(_tensor(cand_x[a:a + 64], device))
+                                for a in range(0, len(cand_x), 64)])
+            return float(balanced_cross_entropy(logits, _tensor(cand_y, device)))
+
+        validate = validate_on_candidates
     return train_stage("teacher", teacher, config, step, validate, seed=seed, checkpoint_path=checkpoint,
-                       log=log, progress=progress, cancel=cancel)
+                       log=log, progress=progress, cancel=cancel, fingerprint_extra=fingerprint)
 
 
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

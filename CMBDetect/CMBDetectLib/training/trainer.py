@@ -232,6 +232,12 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
     stage2_train_ids = train_ids + stage2_ids
     log("candidates", **detection_metrics)
 
+    # The student's validation candidates (also the teacher's with ``teacher_candidates``).
+    validation_set = set(validation_ids)
+    validation_items = [i for i in candidates if i.case in validation_set]
+    if not any(i.label == 1 for i in validation_items):
+        validation_items += ground_truth_items(cases, validation_ids)
+
     # ---- teacher
     teacher: torch.nn.Module | None = None
     teacher_result = None
@@ -247,14 +253,14 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
             teacher_result = train_teacher_stage(
                 teacher, cases, stage2_train_ids, validation_ids, candidates, settings, seed=seed, device=device,
                 checkpoint=checkpoints / "teacher.pt", log=log, progress=scaled(report, 0.5, 0.75),
-                cancel=is_cancelled)
+                cancel=is_cancelled, validation_candidates=validation_items)
     if is_cancelled():
         from CMBDetectLib.errors import CancelledError
 
         raise CancelledError("training cancelled")
 
     # ---- student on candidate-centred patches
-    train_set, validation_set = set(stage2_train_ids), set(validation_ids)
+    train_set = set(stage2_train_ids)
     train_items = [i for i in candidates if i.case in train_set] + hard_negative_items(cases, stage2_train_ids)
     if settings.student_add_ground_truth:
         train_items += ground_truth_items(cases, stage2_train_ids)
@@ -263,9 +269,6 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         extra = look_alike_items(cases, stage2_train_ids, shortfall, np.random.default_rng([seed, 401]))
         train_items += extra
         log("student_negatives_added", count=len(extra), reason="fewer negative candidates than positives")
-    validation_items = [i for i in candidates if i.case in validation_set]
-    if not any(i.label == 1 for i in validation_items):
-        validation_items += ground_truth_items(cases, validation_ids)
     if base is not None:
         student = base.network("student", "cpu")
     else:
