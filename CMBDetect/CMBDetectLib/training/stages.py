@@ -86,36 +86,31 @@ def train_teacher_stage(teacher: TeacherNet, cases: list[TrainingCase], train: l
     share = 0.75 if settings.teacher_candidates else None
     sampler = TeacherSampler(cases, train, candidates, config.patch_size, settings.central_radius,
                              np.random.default_rng([seed, 201]), share)
-    validation_sampler = TeacherSampler(cases, validation, candidates, config.patch_size,
-                                        settings.central_radius, np.random.default_rng([seed, 202]), share)
-    val_x, val_y, val_c = validation_sampler.sample(np.random.default_rng([seed, 203]),
-                                                    config.validation_patches, config.positive_fraction,
-                                                    config.augmentation.disabled())
 
     def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
         x, y, c = sampler.sample(rng, config.batch_size, config.positive_fraction, config.augmentation)
         seg, cls = model(_tensor(x, device))
         return loss_function(seg, cls, _tensor(y, device), _tensor(c, device))
 
-    def validate(model: nn.Module) -> float:
-        def loss(a: int, b: int) -> torch.Tensor:
-            seg, cls = model(_tensor(val_x[a:b], device))
-            return loss_function(seg, cls, _tensor(val_y[a:b], device), _tensor(val_c[a:b], device))
-
-        return _batched_mean(loss, len(val_x), config.batch_size)
-
     # a checkpoint of the other kind of teacher is not resumed
     fingerprint = {"teacher_candidates": True} if settings.teacher_candidates else None
     if settings.teacher_candidates and validation_candidates:
-        cand_x, cand_y = CandidateSampler(cases, validation_candidates, config.patch_size).all_patches(
-            settings.student.validation_patches, np.random.default_rng([seed, 301]))
+        validate = candidate_validation(lambda model, x: model.classify(x), cases, validation_candidates,
+                                        config.patch_size, settings.student.validation_patches, seed, device)
+    else:
+        validation_sampler = TeacherSampler(cases, validation, candidates, config.patch_size,
+                                            settings.central_radius, np.random.default_rng([seed, 202]), share)
+        val_x, val_y, val_c = validation_sampler.sample(np.random.default_rng([seed, 203]),
+                                                        config.validation_patches, config.positive_fraction,
+                                                        config.augmentation.disabled())
 
-        def validate_on_candidates(model: nn.Module) -> float:
-            logits = torch.cat([model.classify(_tensor(cand_x[a:a + 64], device))
-                                for a in range(0, len(cand_x), 64)])
-            return float(balanced_cross_entropy(logits, _tensor(cand_y, device)))
+        def validate(model: nn.Module) -> float:
+            def loss(a: int, b: int) -> torch.Tensor:
+                seg, cls = model(_tensor(val_x[a:b], device))
+                return loss_function(seg, cls, _tensor(val_y[a:b], device), _tensor(val_c[a:b], device))
 
-        validate = validate_on_candidates
+            return _batched_mean(loss, len(val_x), config.batch_size)
+
     return train_stage("teacher", teacher, config, step, validate, seed=seed, checkpoint_path=checkpoint,
                        log=log, progress=progress, cancel=cancel, fingerprint_extra=fingerprint)
 
@@ -126,6 +121,21 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
     per_class = [losses[labels == c].mean() for c in (0, 1) if bool((labels == c).any())]
     return torch.stack(per_class).mean()
+
+
+def candidate_validation(classify, cases: list[TrainingCase], items: list[PatchItem], patch_size: int,
+                         limit: int, seed: int, device: torch.device):
+    """``validate(model)``: the balanced CE of ``classify(model, x)`` (class logits) on the unaugmented patches of
+    ``items`` (at most ``limit``, a seeded subset), the criterion of the student and of a candidate teacher."""
+    val_x, val_y = CandidateSampler(cases, items, patch_size).all_patches(limit, np.random.default_rng([seed, 301]))
+
+    def validate(model: nn.Module) -> float:
+        if len(val_x) == 0:
+            return 0.0
+        logits = torch.cat([classify(model, _tensor(val_x[a:a + 64], device)) for a in range(0, len(val_x), 64)])
+        return float(balanced_cross_entropy(logits, _tensor(val_y, device)))
+
+    return validate
 
 
 def train_student_stage(student: StudentNet, teacher: nn.Module | None, cases: list[TrainingCase],
@@ -141,8 +151,8 @@ def train_student_stage(student: StudentNet, teacher: nn.Module | None, cases: l
     if teacher is not None:
         teacher.to(device).eval()
     sampler = CandidateSampler(cases, train_items, config.patch_size)
-    val_x, val_y = CandidateSampler(cases, validation_items, config.patch_size).all_patches(
-        config.validation_patches, np.random.default_rng([seed, 301]))
+    validate = candidate_validation(lambda model, x: model(x), cases, validation_items, config.patch_size,
+                                    config.validation_patches, seed, device)
 
     def step(model: nn.Module, rng: np.random.Generator) -> torch.Tensor:
         x, y = sampler.sample(rng, config.batch_size, config.positive_fraction, config.augmentation)
@@ -152,12 +162,6 @@ def train_student_stage(student: StudentNet, teacher: nn.Module | None, cases: l
             with torch.no_grad():
                 teacher_logits = teacher.classify(inputs) if hasattr(teacher, "classify") else teacher(inputs)
         return distillation_loss(model(inputs), teacher_logits, _tensor(y, device), alpha, beta, settings.tau)
-
-    def validate(model: nn.Module) -> float:
-        if len(val_x) == 0:
-            return 0.0
-        logits = torch.cat([model(_tensor(val_x[a:a + 64], device)) for a in range(0, len(val_x), 64)])
-        return float(balanced_cross_entropy(logits, _tensor(val_y, device)))
 
     return train_stage("student", student, config, step, validate, seed=seed, checkpoint_path=checkpoint,
                        log=log, progress=progress, cancel=cancel,
