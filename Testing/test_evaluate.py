@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from CMBDetectLib.errors import InputError
-from CMBDetectLib.evaluate import evaluate, format_report, write_froc_png
+from CMBDetectLib.evaluate import evaluate, format_report, recall_by, write_froc_png
 from CMBDetectLib.volume import Volume, write_volume_atomic
 
 SHAPE = (20, 30, 30)
@@ -82,6 +82,12 @@ def test_final_and_per_stage_counts(plain_folders):
     a = next(s for s in report.scans if s.stem == "a")
     assert (a.clusterwise.tp, a.clusterwise.fp, a.clusterwise.fn, a.n_gt) == (2, 1, 1, 3)
     assert (a.valdo.tp, a.valdo.fp, a.valdo.fn) == (2, 1, 1)
+    # per CMB (ids of the 26-connected clusters, in scan order): g1 and g2 found, g3 lost to the student
+    assert (a.gt_ids, a.found_ids) == ([1, 2, 3], [1, 2])
+    assert a.cmb_fates == {1: "kept", 2: "kept", 3: "discrimination"}
+    by_z = recall_by(report.scans, lambda scan, gt_id: "upper" if gt_id < 3 else "lower")
+    assert by_z == {"upper": {"n": 2, "found": 2, "not_a_candidate": 0},
+                    "lower": {"n": 1, "found": 0, "not_a_candidate": 0}}
     stages = report.stage_summary()
     table = [(stages[s]["tp"], stages[s]["fp"], stages[s]["fn"]) for s in stages]
     assert table == [(3, 3, 0), (2, 2, 1), (2, 1, 1)]      # detection, discrimination, post-processing
@@ -198,7 +204,7 @@ def test_inconsistent_dataset_instances_are_refused(tmp_path):
 
 
 def test_removals_say_where_each_cmb_and_false_candidate_was_lost():
-    from CMBDetectLib.evaluate import removals
+    from CMBDetectLib.evaluate import cmb_fates, removals
 
     candidates = [{"final": False, "reason": "discrimination"},   # CMB 1, also reached ellipticity below
                   {"final": False, "reason": "ellipticity"},      # CMB 1
@@ -207,6 +213,7 @@ def test_removals_say_where_each_cmb_and_false_candidate_was_lost():
                   {"final": True, "reason": None},                # false positive kept
                   {"final": False, "reason": "discrimination"}]   # false candidate
     hits = [[1], [1], [2], [], [], []]
+    assert cmb_fates(hits, candidates, [1, 2, 3]) == {1: "ellipticity", 2: "kept", 3: "not a candidate"}
     result = removals(hits, candidates, [1, 2, 3])                # CMB 3 was never a candidate
     assert result["cmbs"] == {"not a candidate": 1, "discrimination": 0, "volume": 0, "ellipticity": 1,
                               "edge_distance": 0, "kept": 1}

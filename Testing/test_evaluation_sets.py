@@ -64,3 +64,44 @@ def test_the_report_splits_scans_by_modality_and_slice_thickness() -> None:
     assert [scan.case for scan in cells["qsm 5 mm"]] == ["synth_qsm_00800", "synth_qsm_00801"]
     info.pop("synth_t2s_00300")                                    # no review: modality of the scan, size unknown
     assert "t2s ? mm" in evaluate_model.by_cell(report, info)
+
+
+def test_the_report_says_which_kinds_of_cmb_are_missed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generated scan whose "prediction" is its ground truth without CMB 1: the table counts that CMB as missed in
+    the bands of its own susceptibility and radius, and every other CMB as found."""
+    import numpy as np
+
+    from CMBDetectLib.volume import read_volume, write_volume_atomic
+
+    monkeypatch.setattr(evaluate_model, "MODALITIES", ("qsm",))
+    monkeypatch.setattr(evaluate_model, "THICKNESSES", (3.0,))
+    data = tmp_path / "test"
+    evaluate_model.make_test_set(data, 1, seed=12)
+    image = next((data / "imagesTr").glob("*.nii.gz"))
+    stem = evaluate_model.image_stem(image)
+    instances = read_volume(data / "cmbdetect" / "instances" / f"{stem[:-len('_0000')]}.nii.gz")
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    pred = ((instances.array > 0) & (instances.array != 1)).astype(np.uint8)
+    write_volume_atomic(instances.with_array(pred), predictions / f"{stem}_cmb.nii.gz")
+    report = evaluate_model.evaluate_selected(predictions, data, [image])
+    info = evaluate_model.case_info(data)
+    record = info[report.scans[0].case]["cmbs"]
+    n = len(record)
+    assert n >= evaluate_model.MIN_CMBS and report.scans[0].found_ids == list(range(2, n + 1))
+
+    lines = evaluate_model.attribute_table(report, info)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines[2:]}
+    chi_edges = evaluate_model.CMB_ATTRIBUTE_BANDS["chi_ppm"][2]
+    missed_band = evaluate_model.band_index(record[1]["chi_ppm"], chi_edges)
+    chi_rows = [name for name in rows if name.startswith("susceptibility")]
+    assert len(chi_rows) == 3
+    in_band = [sum(evaluate_model.band_index(c["chi_ppm"], chi_edges) == i for c in record.values()) for i in range(3)]
+    for i, name in enumerate(chi_rows):
+        qsm, total = rows[name][0], rows[name][1].rstrip(" |")
+        assert qsm == total
+        if in_band[i] == 0:
+            assert qsm == "-"
+        else:
+            found = in_band[i] - (i == missed_band)
+            assert qsm == f"{found} / {in_band[i]} ({found / in_band[i]:.2f}) [0]"   # no candidates JSON: [0]

@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from CMBDetectLib.metrics import (
     FrocPoint,
     clusters,
     clusterwise_counts,
+    detected_clusters,
     froc_curve,
     froc_score,
     plot_froc,
@@ -88,6 +89,12 @@ class ScanEvaluation:
     parameters: dict = field(default_factory=dict)
     # where CMBs and false candidates were removed: {"cmbs": {fate: n}, "false_candidates": {reason: n}}
     removals: dict[str, dict[str, int]] | None = None
+    # the ground-truth ids (instance map ids, or 26-connected clusters without one), and those found by the
+    # cluster-wise rule (the TP of ``clusterwise``)
+    gt_ids: list[int] = field(default_factory=list)
+    found_ids: list[int] = field(default_factory=list)
+    # each ground-truth id's fate (CMB_FATES), with a candidates JSON
+    cmb_fates: dict[int, str] | None = None
 
     def to_dict(self) -> dict:
         data = {"stem": self.stem, "case": self.case, "modality": self.modality, "n_gt": self.n_gt,
@@ -96,6 +103,10 @@ class ScanEvaluation:
             data["stages"] = {name: counts.to_dict() for name, counts in self.stages.items()}
         if self.removals is not None:
             data["removals"] = self.removals
+        data["gt_ids"] = list(self.gt_ids)
+        data["found_ids"] = list(self.found_ids)
+        if self.cmb_fates is not None:
+            data["cmb_fates"] = {str(k): v for k, v in self.cmb_fates.items()}
         return data
 
 
@@ -316,27 +327,55 @@ def removals(hits: list[list[int]], candidates: Sequence[dict], n_gt_ids: Sequen
     (``kept`` if any was final; ``not a candidate`` if stage 1 produced none), so the counts say which
     stage or filter costs sensitivity; the false candidates' reasons say what each filter is worth.
     """
-    rank = {reason: position for position, reason in enumerate(REMOVAL_REASONS)}
-
-    def fate(candidate: dict) -> str:
-        if candidate.get("final"):
-            return "kept"
-        reason = candidate.get("reason")
-        return reason if reason in rank else "discrimination"
-
-    best: dict[int, str] = {}
     false_candidates = dict.fromkeys(REMOVAL_REASONS, 0)
     for hit, candidate in zip(hits, candidates):
-        reason = fate(candidate)
         if not hit:
-            false_candidates[reason] += 1
-        for gt_id in hit:
-            if gt_id not in best or rank[reason] > rank[best[gt_id]]:
-                best[gt_id] = reason
+            false_candidates[_candidate_fate(candidate)] += 1
     cmbs = dict.fromkeys(CMB_FATES, 0)
-    for gt_id in n_gt_ids:
-        cmbs[best.get(gt_id, "not a candidate")] += 1
+    for fate in cmb_fates(hits, candidates, n_gt_ids).values():
+        cmbs[fate] += 1
     return {"cmbs": cmbs, "false_candidates": false_candidates}
+
+
+_FATE_RANK = {reason: position for position, reason in enumerate(REMOVAL_REASONS)}
+
+
+def _candidate_fate(candidate: dict) -> str:
+    if candidate.get("final"):
+        return "kept"
+    reason = candidate.get("reason")
+    return reason if reason in _FATE_RANK else "discrimination"
+
+
+def cmb_fates(hits: list[list[int]], candidates: Sequence[dict], gt_ids: Sequence[int]) -> dict[int, str]:
+    """Each ground-truth id's fate (one of CMB_FATES): that of the candidate touching it that went furthest."""
+    best: dict[int, str] = {}
+    for hit, candidate in zip(hits, candidates):
+        reason = _candidate_fate(candidate)
+        for gt_id in hit:
+            if gt_id not in best or _FATE_RANK[reason] > _FATE_RANK[best[gt_id]]:
+                best[gt_id] = reason
+    return {int(gt_id): best.get(gt_id, "not a candidate") for gt_id in gt_ids}
+
+
+def recall_by(scans: Sequence[ScanEvaluation], group_of: Callable[[ScanEvaluation, int], str | None]
+              ) -> dict[str, dict[str, int]]:
+    """Ground-truth CMBs grouped by ``group_of(scan, gt_id)`` (None: left out), each group with ``n``, ``found``
+    (cluster-wise, after post-processing) and ``not_a_candidate`` (stage 1 never proposed it; scans without a
+    candidates JSON count none). Says which kinds of CMB a model misses, e.g. by the synthetic generator's
+    record of each CMB's size or susceptibility."""
+    groups: dict[str, dict[str, int]] = {}
+    for scan in scans:
+        found = set(scan.found_ids)
+        for gt_id in scan.gt_ids:
+            name = group_of(scan, gt_id)
+            if name is None:
+                continue
+            group = groups.setdefault(name, {"n": 0, "found": 0, "not_a_candidate": 0})
+            group["n"] += 1
+            group["found"] += gt_id in found
+            group["not_a_candidate"] += (scan.cmb_fates or {}).get(gt_id) == "not a candidate"
+    return groups
 
 
 def _stage_counts(hits: list[list[int]], keep: list[bool], n_gt: int) -> Counts:
@@ -355,12 +394,14 @@ def evaluate_scan(files: ScanFiles, gt_modality: str | None = None) -> ScanEvalu
         raise InputError(f"{files.prediction.name} and {files.label.name} have the same size but a "
                          "different spacing, origin or direction")
     gt = _ground_truth_instances(files, label)
-    n_gt = int(len(np.unique(gt[gt > 0])))
+    gt_ids = [int(v) for v in np.unique(gt[gt > 0])]
+    n_gt = len(gt_ids)
     spacing = label.spacing_zyx
     evaluation = ScanEvaluation(
         stem=files.stem, case=files.case, modality=gt_modality or "unknown", n_gt=n_gt,
         clusterwise=clusterwise_counts(prediction.array, gt, gt_instances=True),
-        valdo=valdo_counts(prediction.array, gt, spacing, gt_instances=True))
+        valdo=valdo_counts(prediction.array, gt, spacing, gt_instances=True),
+        gt_ids=gt_ids, found_ids=detected_clusters(prediction.array, gt, gt_instances=True))
     if files.candidates is None:
         return evaluation
 
@@ -381,7 +422,8 @@ def evaluate_scan(files: ScanFiles, gt_modality: str | None = None) -> ScanEvalu
         "discrimination": _stage_counts(hits, passed_discrimination, n_gt),
         "postprocessing": _stage_counts(hits, final, n_gt),
     }
-    evaluation.removals = removals(hits, candidates, [int(v) for v in np.unique(gt[gt > 0])])
+    evaluation.removals = removals(hits, candidates, gt_ids)
+    evaluation.cmb_fates = cmb_fates(hits, candidates, gt_ids)
     shape_ok = [_shape_reason(c, shape_params) is None for c in candidates]
     p_det = [float(c.get("p_det", 0.0)) for c in candidates]
     p_disc = [float(c.get("p_disc", 0.0)) for c in candidates]
