@@ -36,8 +36,7 @@ from CMBDetectLib.metrics import (
     Counts,
     FrocPoint,
     clusters,
-    clusterwise_counts,
-    detected_clusters,
+    clusterwise_match,
     froc_curve,
     froc_score,
     plot_froc,
@@ -397,11 +396,10 @@ def evaluate_scan(files: ScanFiles, gt_modality: str | None = None) -> ScanEvalu
     gt_ids = [int(v) for v in np.unique(gt[gt > 0])]
     n_gt = len(gt_ids)
     spacing = label.spacing_zyx
+    clusterwise, found_ids = clusterwise_match(prediction.array, gt, gt_instances=True)
     evaluation = ScanEvaluation(
-        stem=files.stem, case=files.case, modality=gt_modality or "unknown", n_gt=n_gt,
-        clusterwise=clusterwise_counts(prediction.array, gt, gt_instances=True),
-        valdo=valdo_counts(prediction.array, gt, spacing, gt_instances=True),
-        gt_ids=gt_ids, found_ids=detected_clusters(prediction.array, gt, gt_instances=True))
+        stem=files.stem, case=files.case, modality=gt_modality or "unknown", n_gt=n_gt, clusterwise=clusterwise,
+        valdo=valdo_counts(prediction.array, gt, spacing, gt_instances=True), gt_ids=gt_ids, found_ids=found_ids)
     if files.candidates is None:
         return evaluation
 

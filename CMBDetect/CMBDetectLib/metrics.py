@@ -73,31 +73,28 @@ def clusterwise_counts(pred_labels: np.ndarray, gt_labels: np.ndarray, pred_inst
     ``*_instances=True`` to count each non-zero id of a map as one cluster instead (e.g. ground-truth
     instance maps in which two annotated CMBs touch).
     """
-    pred, gt, hit_pred, hit_gt = _cluster_overlaps(pred_labels, gt_labels, pred_instances, gt_instances)
-    pred_ids = np.unique(pred[pred > 0])
-    gt_ids = np.unique(gt[gt > 0])
-    return Counts(tp=len(hit_gt), fp=len(pred_ids) - len(hit_pred), fn=len(gt_ids) - len(hit_gt),
-                  tp_pred=len(hit_pred))
+    return clusterwise_match(pred_labels, gt_labels, pred_instances, gt_instances)[0]
 
 
-def detected_clusters(pred_labels: np.ndarray, gt_labels: np.ndarray, pred_instances: bool = False,
-                      gt_instances: bool = False) -> list[int]:
-    """The ground-truth cluster ids :func:`clusterwise_counts` counts as found (its TP), sorted.
+def clusterwise_match(pred_labels: np.ndarray, gt_labels: np.ndarray, pred_instances: bool = False,
+                      gt_instances: bool = False) -> tuple[Counts, list[int]]:
+    """:func:`clusterwise_counts` and the ground-truth cluster ids it counts as found (its TP), sorted.
 
     With ``gt_instances=True`` these are the ids of the instance map, so each found CMB can be looked up
     (e.g. in the synthetic generator's per-case record of its size and susceptibility)."""
-    _, _, _, hit_gt = _cluster_overlaps(pred_labels, gt_labels, pred_instances, gt_instances)
-    return [int(v) for v in hit_gt]
-
-
-def _cluster_overlaps(pred_labels, gt_labels, pred_instances: bool, gt_instances: bool):
     pred_labels, gt_labels = np.asarray(pred_labels), np.asarray(gt_labels)
     if pred_labels.shape != gt_labels.shape:
         raise ValueError(f"prediction shape {pred_labels.shape} differs from ground truth {gt_labels.shape}")
     pred = clusters(pred_labels, pred_instances)
     gt = clusters(gt_labels, gt_instances)
+    pred_ids = np.unique(pred[pred > 0])
+    gt_ids = np.unique(gt[gt > 0])
     overlap = (pred > 0) & (gt > 0)
-    return pred, gt, np.unique(pred[overlap]), np.unique(gt[overlap])
+    hit_pred = np.unique(pred[overlap])
+    hit_gt = np.unique(gt[overlap])
+    counts = Counts(tp=len(hit_gt), fp=len(pred_ids) - len(hit_pred), fn=len(gt_ids) - len(hit_gt),
+                    tp_pred=len(hit_pred))
+    return counts, [int(v) for v in hit_gt]
 
 
 def _ratio(numerator: float, denominator: float) -> float:
