@@ -105,3 +105,38 @@ def test_the_report_says_which_kinds_of_cmb_are_missed(tmp_path: Path, monkeypat
         else:
             found = in_band[i] - (i == missed_band)
             assert qsm == f"{found} / {in_band[i]} ({found / in_band[i]:.2f}) [0]"   # no candidates JSON: [0]
+
+
+def test_the_kd_ablation_pairs_a_model_with_its_twin_whichever_was_distilled(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Since 1.11.0 the default is the CE-only student and its distilled twin is the ablation; before, the other
+    way round. The report finds the twin by the model's own training record and labels the two arms by it."""
+    import json
+    from types import SimpleNamespace
+
+    from conftest import make_tiny_model
+
+    from CMBDetectLib.metrics import Counts
+    from CMBDetectLib.model_package import ModelPackage
+
+    monkeypatch.chdir(tmp_path)
+    distilled = make_tiny_model(tmp_path / "kd", version="2.0.0")
+    ce_only = make_tiny_model(tmp_path / "ce", version="2.0.0")
+    manifest = json.loads((ce_only.path / "model.json").read_text())
+    manifest["networks"].pop("teacher")
+    manifest["training"]["distillation"] = False
+    (ce_only.path / "model.json").write_text(json.dumps(manifest))
+    ce_only = ModelPackage.load(ce_only.path)
+    assert evaluate_model.distilled(distilled) and not evaluate_model.distilled(ce_only)
+    assert evaluate_model.default_ablation_path(ce_only) == Path("build/model/tiny-test-kd-2.0.0")
+    assert evaluate_model.default_ablation_path(distilled) == Path("build/model/tiny-test-nokd-2.0.0")
+
+    def report(tp: int, fp: int) -> SimpleNamespace:
+        scan = SimpleNamespace(case="synth_swi_00000", modality="swi", n_gt=10, clusterwise=Counts(tp, fp, 10 - tp),
+                               valdo=Counts(tp, fp, 10 - tp))
+        return SimpleNamespace(scans=[scan], stage_summary=dict)
+    ce_report, kd_report = report(9, 1), report(7, 2)
+    lines = evaluate_model.ablation_lines(ce_only, ce_report, kd_report, Path("build/model/tiny-test-kd-2.0.0"), {})
+    rows = [line for line in lines if line.startswith("| with KD") or line.startswith("| without KD")]
+    assert rows[0].startswith("| with KD | `tiny-test-kd-2.0.0` | 10 | 7 | 2 |")
+    assert rows[1].startswith("| without KD (CE only) | `tiny-test-2.0.0` (this report's model) | 10 | 9 | 1 |")

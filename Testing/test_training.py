@@ -360,6 +360,19 @@ def test_fine_tuning_from_an_existing_package(dataset: Path, cache: Path, tmp_pa
         base.manifest["networks"]["teacher"]["sha256"]
 
 
+def test_fine_tuning_a_ce_only_parent_keeps_it_ce_only_unless_a_teacher_is_asked_for(
+        dataset: Path, cache: Path, tmp_path: Path) -> None:
+    base = train_model([dataset], tmp_path / "base", {**tiny_config(cache), "distillation": False}, seed=1)
+    assert not base.has("teacher")
+    tuned = train_model([dataset], tmp_path / "tuned", tiny_config(cache), seed=1, init_model=tmp_path / "base")
+    assert not tuned.has("teacher") and tuned.manifest["training"]["distillation"] is False
+    assert any(r["event"] == "teacher_none" for r in read_log(tmp_path / "tuned.work" / "train_log.jsonl"))
+    taught = train_model([dataset], tmp_path / "taught", {**tiny_config(cache), "train_teacher_when_finetuning": True},
+                         seed=1, init_model=tmp_path / "base")
+    assert taught.has("teacher") and taught.manifest["training"]["distillation"] is True
+    assert taught.manifest["training"]["stages"]["teacher"]["steps"] > 0
+
+
 def test_a_fine_tuned_model_keeps_its_parents_test_time_flips(dataset: Path, cache: Path, tmp_path: Path) -> None:
     from CMBDetectLib.model_package import ModelPackage
 

@@ -3,8 +3,9 @@
 - Test set: synthetic scans generated with seeds the model never saw (``TEST_SEED``), every modality
   (SWI / T2*-GRE / QSM) x slice thickness (1 / 3 / 5 mm) cell.
 - The learned pipeline (``cmbdetect detect``), the classical baseline (FRST + threshold + the same
-  post-processing; its FRST threshold chosen on *training* scans), and the ablation package written by
-  ``make model`` (the same student network trained without distillation, same stage 1 and candidates).
+  post-processing; its FRST threshold chosen on *training* scans), and the KD ablation: the model's twin
+  written by ``make model`` (the same student network on the same stage 1 and candidates, trained with
+  distillation where the model was trained without it, or the other way round).
 - Writes ``docs/evaluation.md`` (tables), ``docs/froc.png`` and ``build/evaluation/report.json``.
 
 ``--split dev`` runs the same report on a *development* set (its own seed, never the test set) into
@@ -317,6 +318,35 @@ def by_cell(report, info: dict[str, dict]) -> dict[str, list]:
     return cells
 
 
+def distilled(model: ModelPackage) -> bool:
+    """Whether the package's student was trained with knowledge distillation (packages record it since 1.0.0)."""
+    return bool(model.manifest.get("training", {}).get("distillation", model.has("teacher")))
+
+
+def default_ablation_path(model: ModelPackage) -> Path:
+    """Where ``make model`` leaves the model's KD twin: the CE-only default's distilled twin, or (before 1.11.0,
+    when the default was distilled) its CE-only twin."""
+    return Path(f"build/model/{model.name}-{'nokd' if distilled(model) else 'kd'}-{model.version}")
+
+
+def ablation_lines(model: ModelPackage, learned, ablation, ablation_path: Path, info: dict[str, dict]) -> list[str]:
+    """The paper's KD ablation: the two students side by side, then the twin's own tables."""
+    arms = {"with KD": learned, "without KD (CE only)": ablation} if distilled(model) \
+        else {"with KD": ablation, "without KD (CE only)": learned}
+    names = {id(learned): f"`{model.label}` (this report's model)", id(ablation): f"`{ablation_path.name}`"}
+    lines = [f"## KD ablation: the same student network trained with and without KD (`{ablation_path.name}`)",
+             "Same stage 1, same candidates, same student architecture and step budget; one student's loss adds the "
+             "teacher's soft labels (KD), the other's is CE only. Each at its own development-set operating point.",
+             "", "| student | package | CMBs | TP | FP | TPR (95 % CI) | FPavg (95 % CI) | F1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, report in arms.items():
+        c, tpr, fp_avg = rate_cells([s.clusterwise for s in report.scans])
+        lines.append(f"| {arm} | {names[id(report)]} | {sum(s.n_gt for s in report.scans)} | {c['tp']} | "
+                     f"{c['fp']} | {tpr} | {fp_avg} | {c['f1']:.3f} |")
+    return lines + ["", f"`{ablation_path.name}` by group:", "", *table(grouped(ablation, info)), "",
+                    *stage_table(ablation)]
+
+
 def operating_point(model: ModelPackage) -> str:
     calibration = model.manifest.get("calibration")
     if not calibration:
@@ -356,8 +386,9 @@ def main() -> int:
                         help="training scans (only to choose the baseline's threshold)")
     parser.add_argument("--docs", default="docs", help="where the test report goes (not used with --split dev)")
     parser.add_argument("--ablation-model", default=None,
-                        help="the no-KD student package written by `make model` "
-                             "(default: build/model/<model name>-nokd-<version>)")
+                        help="the model's KD twin written by `make model` (default: "
+                             "build/model/<model name>-kd-<version> for a CE-only student, "
+                             "build/model/<model name>-nokd-<version> for a distilled one)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the classical baseline")
     args = parser.parse_args()
     dev = args.split == "dev"
@@ -377,13 +408,16 @@ def main() -> int:
     learned = evaluate_selected(work / f"pred_{model.label}", data, images)
 
     ablation = None
-    ablation_path = Path(args.ablation_model or f"build/model/{model.name}-nokd-{model.version}")
+    ablation_path = Path(args.ablation_model or default_ablation_path(model))
     if ablation_path.is_dir():
-        nokd = ModelPackage.load(str(ablation_path))
-        detect_learned(images, work / f"pred_{nokd.label}", str(nokd.path))
-        ablation = evaluate_selected(work / f"pred_{nokd.label}", data, images)
+        twin = ModelPackage.load(str(ablation_path))
+        if distilled(twin) == distilled(model):
+            raise SystemExit(f"{ablation_path} is not {model.label}'s KD twin: both students were trained "
+                             f"{'with' if distilled(model) else 'without'} distillation")
+        detect_learned(images, work / f"pred_{twin.label}", str(twin.path))
+        ablation = evaluate_selected(work / f"pred_{twin.label}", data, images)
     else:
-        print(f"no ablation package at {ablation_path}: the KD ablation is left out", flush=True)
+        print(f"no KD twin at {ablation_path}: the KD ablation is left out", flush=True)
 
     baseline, th_frst = None, None
     if not args.no_baseline:
@@ -400,9 +434,10 @@ def main() -> int:
     docs.mkdir(parents=True, exist_ok=True)
     write_froc_png(learned, docs / "froc.png")
     final_curve = "discrimination + post-processing (th_disc)"
-    curves = {"learned (p_disc after post-processing)": learned.froc_curves().get(final_curve, [])}
+    curves = {f"{model.label} (p_disc after post-processing)": learned.froc_curves().get(final_curve, [])}
     if ablation is not None:
-        curves["student without KD"] = ablation.froc_curves().get(final_curve, [])
+        curves[f"{ablation_path.name}: student {'without' if distilled(model) else 'with'} KD (ablation)"] = \
+            ablation.froc_curves().get(final_curve, [])
     if baseline is not None:
         curves["baseline (FRST threshold)"] = baseline.froc_curves().get(final_curve, [])
     set_name = "development" if dev else "held-out synthetic test"
@@ -438,13 +473,11 @@ def main() -> int:
                   *table({k: v for k, v in grouped(EvaluationReport(previous, []), info).items()
                           if not k.startswith("slices")})]
     if ablation is None:
-        lines += ["", "## Ablation", f"No no-KD package at `{ablation_path}` (`make model` writes the one that shares "
+        lines += ["", "## KD ablation", f"No KD twin at `{ablation_path}` (`make model` writes the one that shares "
                   "this model's stage 1 and candidates there; `--ablation-model` names another), so this report has "
                   "no KD ablation."]
     else:
-        lines += ["", f"## Ablation: the same student network trained without KD (`{ablation_path.name}`)",
-                  "Same stage 1, same candidates, same student architecture and steps; loss CE only.", "",
-                  *table(grouped(ablation, info)), "", *stage_table(ablation)]
+        lines += ["", *ablation_lines(model, learned, ablation, ablation_path, info)]
     if baseline is not None:
         lines += ["", f"## Classical baseline: FRST > {th_frst} + the same post-processing "
                       "(threshold chosen on training scans)", *table(grouped(baseline, info))]

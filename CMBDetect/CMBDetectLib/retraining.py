@@ -6,7 +6,8 @@ options, see :func:`add_retrain_arguments`). The steps:
 
 1. roll back any interrupted export, validate the dataset(s), split them by subject (deterministic);
 2. evaluate the parent model on the validation cases ("before"), with the code of ``cmbdetect evaluate``;
-3. fine-tune stage 1 and the student (distilled from the teacher) from the parent's weights with
+3. fine-tune stage 1 and the student (distilled from the parent's teacher where it has one, else CE only) from
+   the parent's weights with
    :func:`CMBDetectLib.training.train_model` on the training cases only; rejected candidates are in the
    exported reviews as hard negatives and the trainer uses them for the student;
 4. evaluate the new model on the same validation cases ("after") and compare it with the parent

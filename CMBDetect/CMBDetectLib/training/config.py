@@ -123,6 +123,7 @@ class TrainingConfig:
     # fine-tuning from an existing package (init_model): fewer steps, lower learning rate
     finetune_lr: float = 1e-4
     finetune_step_fraction: float = 0.3
+    # False: reuse the parent's teacher, or fine-tune a teacher-less parent's student with CE only (as it was trained)
     train_teacher_when_finetuning: bool = False
     # package
     name: str = "cmbdetect-custom"

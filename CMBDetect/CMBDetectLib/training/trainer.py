@@ -245,6 +245,12 @@ def train_model(dataset_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pat
         if base is not None and base.has("teacher") and not settings.train_teacher_when_finetuning:
             teacher = base.network("teacher", device)
             log("teacher_reused", model=base.label)
+        elif base is not None and not settings.train_teacher_when_finetuning:
+            # A parent without a teacher (a CE-only student, like the bundled default since 1.11.0) is fine-tuned
+            # the way it was trained; distilling would first need a teacher trained from scratch on the new data.
+            log("teacher_none", model=base.label,
+                reason="the parent has no teacher: its student is fine-tuned with CE only "
+                       "(train_teacher_when_finetuning trains a teacher to distil from)")
         else:
             seed_initialisation(seed, "teacher")
             teacher = TeacherNet(in_channels=stage2_channels, width=stage1.config["width"],
