@@ -269,7 +269,7 @@ def plot_froc(curves: Mapping[str, Sequence[FrocPoint]], path: str | Path, title
     figure = Figure(figsize=(6.0, 4.5), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    smallest = math.inf
+    smallest, largest = math.inf, 0.0
     for name, points in curves.items():
         drawn = [p for p in points if not math.isnan(p.tpr) and not math.isnan(p.fp_avg)]
         if not drawn:
@@ -278,11 +278,17 @@ def plot_froc(curves: Mapping[str, Sequence[FrocPoint]], path: str | Path, title
         positive = fp[fp > 0]
         if positive.size:
             smallest = min(smallest, float(positive.min()))
+            largest = max(largest, float(positive.max()))
         axes.step(fp, [p.tpr for p in drawn], where="post", label=name)
     for name, (fp_avg, tpr) in (operating_points or {}).items():
         axes.plot([fp_avg], [tpr], marker="o", linestyle="none", label=name)
     if math.isfinite(smallest):
-        axes.set_xscale("symlog", linthresh=min(smallest, 0.1))
+        linthresh = min(smallest, 0.1)
+        axes.set_xscale("symlog", linthresh=linthresh)
+        # 0, then the decades above the linear range (a decade inside it would print on top of the 0)
+        first = math.ceil(math.log10(linthresh))
+        last = max(first, math.floor(math.log10(max(largest, linthresh))))
+        axes.set_xticks([0.0] + [10.0 ** k for k in range(first, last + 1)])
     axes.set_xlabel("FPavg (false positives per scan)")
     axes.set_ylabel("cluster-wise TPR")
     axes.set_ylim(0.0, 1.02)
