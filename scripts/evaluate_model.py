@@ -331,17 +331,17 @@ def default_ablation_path(model: ModelPackage) -> Path:
 
 def ablation_lines(model: ModelPackage, learned, ablation, ablation_path: Path, info: dict[str, dict]) -> list[str]:
     """The paper's KD ablation: the two students side by side, then the twin's own tables."""
-    arms = {"with KD": learned, "without KD (CE only)": ablation} if distilled(model) \
-        else {"with KD": ablation, "without KD (CE only)": learned}
-    names = {id(learned): f"`{model.label}` (this report's model)", id(ablation): f"`{ablation_path.name}`"}
+    students = [(learned, f"`{model.label}` (this report's model)"), (ablation, f"`{ablation_path.name}`")]
+    if not distilled(model):
+        students.reverse()            # the distilled student's row first
     lines = [f"## KD ablation: the same student network trained with and without KD (`{ablation_path.name}`)",
              "Same stage 1, same candidates, same student architecture and step budget; one student's loss adds the "
              "teacher's soft labels (KD), the other's is CE only. Each at its own development-set operating point.",
              "", "| student | package | CMBs | TP | FP | TPR (95 % CI) | FPavg (95 % CI) | F1 |",
              "|---|---|---|---|---|---|---|---|"]
-    for arm, report in arms.items():
+    for arm, (report, package) in zip(("with KD", "without KD (CE only)"), students):
         c, tpr, fp_avg = rate_cells([s.clusterwise for s in report.scans])
-        lines.append(f"| {arm} | {names[id(report)]} | {sum(s.n_gt for s in report.scans)} | {c['tp']} | "
+        lines.append(f"| {arm} | {package} | {sum(s.n_gt for s in report.scans)} | {c['tp']} | "
                      f"{c['fp']} | {tpr} | {fp_avg} | {c['f1']:.3f} |")
     return lines + ["", f"`{ablation_path.name}` by group:", "", *table(grouped(ablation, info)), "",
                     *stage_table(ablation)]
